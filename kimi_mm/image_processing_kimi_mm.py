@@ -9,6 +9,7 @@ multiples of `patch_size * merge_size`, then cut into flattened patches:
 import io
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,11 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
         beta = math.sqrt(min_pixels / (height * width))
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
+    if h * w > max_pixels:  # a thin image whose short side was clamped up to one factor
+        if h >= w:
+            h = max(factor, max_pixels // w // factor * factor)
+        else:
+            w = max(factor, max_pixels // h // factor * factor)
     return h, w
 
 
@@ -101,7 +107,11 @@ class KimiMMImageProcessor(BaseImageProcessor):
             if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
                 array = array.transpose(1, 2, 0)  # channels-first → channels-last
             if array.dtype != np.uint8:
-                array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8) if array.max() <= 1 else array.astype(np.uint8)
+                array = (
+                    (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+                    if array.max() <= 1
+                    else array.astype(np.uint8)
+                )
             image = Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
         elif not isinstance(image, Image.Image):
             raise ImageInputError(f"{name}: unsupported type {type(image).__name__}; pass a PIL image, path or bytes")
@@ -126,7 +136,9 @@ class KimiMMImageProcessor(BaseImageProcessor):
     @staticmethod
     def _open(source, name: str) -> Image.Image:
         try:
-            return Image.open(source)  # lazy: only the header is read, so the size check runs before decoding
+            with warnings.catch_warnings():  # our own pixel limit is checked (with a clearer error) right after
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                return Image.open(source)  # lazy: only the header is read, so the size check runs before decoding
         except Image.DecompressionBombError as err:
             raise ImageInputError(f"{name}: {err}") from err
         except (OSError, SyntaxError, ValueError) as err:
@@ -136,8 +148,11 @@ class KimiMMImageProcessor(BaseImageProcessor):
 
     def resized_size(self, height: int, width: int, min_pixels=None, max_pixels=None) -> tuple[int, int]:
         return smart_resize(
-            height, width, self.patch_size * self.merge_size,
-            min_pixels or self.min_pixels, max_pixels or self.max_pixels,
+            height,
+            width,
+            self.patch_size * self.merge_size,
+            min_pixels or self.min_pixels,
+            max_pixels or self.max_pixels,
         )
 
     def get_number_of_image_patches(self, height: int, width: int, images_kwargs: dict | None = None) -> int:
@@ -146,8 +161,9 @@ class KimiMMImageProcessor(BaseImageProcessor):
         h, w = self.resized_size(height, width, kw.get("min_pixels"), kw.get("max_pixels"))
         return (h // self.patch_size) * (w // self.patch_size)
 
-    def preprocess(self, images, min_pixels: int | None = None, max_pixels: int | None = None,
-                   return_tensors=None, **kwargs) -> BatchFeature:
+    def preprocess(
+        self, images, min_pixels: int | None = None, max_pixels: int | None = None, return_tensors=None, **kwargs
+    ) -> BatchFeature:
         """images: one image or a (possibly nested, one list per sample) list of PIL images, paths or bytes."""
         flat = _flatten(images)
         p, c = self.patch_size, 3

@@ -121,9 +121,19 @@ class KimiMMVisionAttention(nn.Module):
             # Varlen kernels take the image boundaries directly.
             max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
             attn_output, _ = attention_interface(
-                self, query, key, value, attention_mask=None, scaling=self.scaling, dropout=dropout,
-                cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_len, max_length_k=max_len,
-                is_causal=False, **kwargs,
+                self,
+                query,
+                key,
+                value,
+                attention_mask=None,
+                scaling=self.scaling,
+                dropout=dropout,
+                cu_seq_lens_q=cu_seqlens,
+                cu_seq_lens_k=cu_seqlens,
+                max_length_q=max_len,
+                max_length_k=max_len,
+                is_causal=False,
+                **kwargs,
             )
         else:
             # One attention call per image: no cross-image attention and no [N, N] mask.
@@ -132,8 +142,15 @@ class KimiMMVisionAttention(nn.Module):
             attn_output = torch.cat(
                 [
                     attention_interface(
-                        self, q, k, v, attention_mask=None, scaling=self.scaling, dropout=dropout,
-                        is_causal=False, **kwargs,
+                        self,
+                        q,
+                        k,
+                        v,
+                        attention_mask=None,
+                        scaling=self.scaling,
+                        dropout=dropout,
+                        is_causal=False,
+                        **kwargs,
                     )[0]
                     for q, k, v in chunks
                 ],
@@ -218,16 +235,16 @@ class KimiMMVisionModel(KimiMMPreTrainedModel):
         grid = self.position_embedding.weight.reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
         out = []
         for _, h, w in grid_thw.tolist():
-            resized = grid if (h, w) == (n, n) else F.interpolate(
-                grid.float(), size=(h, w), mode="bicubic", align_corners=False
-            ).to(grid.dtype)
+            resized = (
+                grid
+                if (h, w) == (n, n)
+                else F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(grid.dtype)
+            )
             out.append(resized[0].flatten(1).transpose(0, 1))
         return torch.cat(out)
 
     @can_return_tuple
-    def forward(
-        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, **kwargs
-    ) -> BaseModelOutput:
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, **kwargs) -> BaseModelOutput:
         """pixel_values: `[total_patches, C * patch**2]`; grid_thw: `[num_images, 3]`.
         Returns `last_hidden_state` `[total_patches, hidden]`."""
         grid_thw = grid_thw.to(torch.long)

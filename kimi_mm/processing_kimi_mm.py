@@ -86,8 +86,11 @@ class KimiMMProcessor(ProcessorMixin):
 
     def _check_placeholders(self, texts: list[str], images) -> None:
         counts = [t.count(self.image_token) for t in texts]
-        nested = isinstance(images, (list, tuple)) and len(images) == len(texts) and len(texts) > 1 and all(
-            isinstance(x, (list, tuple)) for x in images
+        nested = (
+            isinstance(images, (list, tuple))
+            and len(images) == len(texts)
+            and len(texts) > 1
+            and all(isinstance(x, (list, tuple)) for x in images)
         )
         if nested:
             for i, (count, sample_images) in enumerate(zip(counts, images)):

@@ -38,7 +38,9 @@ def corpus() -> list[str]:
             module = importlib.import_module(info.name)
         except Exception:  # noqa: BLE001 - any module that cannot import is simply not used
             continue
-        texts.extend(doc for obj in list(vars(module).values()) if isinstance(doc := getattr(obj, "__doc__", None), str))
+        texts.extend(
+            doc for obj in list(vars(module).values()) if isinstance(doc := getattr(obj, "__doc__", None), str)
+        )
     return texts
 
 

@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": round(time.time() - start, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"demo: tiny kimi_mm ({summary['parameters']:,} params) saved to {checkpoint} as {weight_files}, "
-          f"reloaded, answered {answer!r} (untrained) in {summary['seconds']}s")
+    print(
+        f"demo: tiny kimi_mm ({summary['parameters']:,} params) saved to {checkpoint} as {weight_files}, "
+        f"reloaded, answered {answer!r} (untrained) in {summary['seconds']}s"
+    )
     return summary
 
 
