@@ -1,0 +1,18 @@
+"""vLLM plugin: once kimi_mm is installed, `vllm.LLM(model=DIR)` and `vllm serve DIR` load kimi_mm checkpoints.
+
+vLLM calls `register()` in every process it starts (entry point group `vllm.general_plugins`). It registers the
+Auto classes (by importing kimi_mm) and maps the architecture onto vLLM's Transformers backend, which runs our
+modeling code with vLLM's attention, KV cache and batching - no `trust_remote_code`, no import in user scripts.
+"""
+
+ARCHITECTURE = "KimiMMForConditionalGeneration"
+BACKEND = "vllm.model_executor.models.transformers:TransformersMultiModalForCausalLM"
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+
+    import kimi_mm  # noqa: F401  (registers AutoConfig/AutoModel/AutoProcessor for kimi_mm)
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, BACKEND)

@@ -1,0 +1,411 @@
+"""The rollout engine: the one module in kimi_mm's trainers that talks to vLLM.
+
+    engine = RolloutEngine("path/to/checkpoint", max_model_len=4096)
+    prompt = engine.encode([{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": q}]}])
+    groups = engine.generate([prompt], n=8, max_tokens=1024, temperature=1.0)   # 8 Completions for the prompt
+    longer = engine.continue_responses([prompt], [groups[0][0]], max_tokens=1024)  # partial rollouts
+    engine.update_weights(trained_model)                                       # in place, no reload from disk
+
+Prompts reach vLLM as token ids holding ONE unexpanded `<image>` token per image: vLLM expands placeholders itself,
+and ids already expanded by the processor would be silently corrupted (TRL #6294, verl #5241).
+
+The engine runs in vLLM's own processes (its default), never in the trainer's: vLLM's Transformers backend rewrites
+the HF decoder class it serves (`support_torch_compile`), which would break the trainer's own models of that class in
+a shared process. A push writes the weights once into a shared-memory safetensors file and the engine's worker
+(`WeightSyncExtension`, installed with `worker_extension_cls`) reloads them in place with vLLM's layerwise
+`reload_weights` (checkpoint names), then the prefix and encoder caches are cleared. On CUDA, `enable_sleep_mode` lets
+training and rollouts share one GPU (`sleep()` before the training step, `wake_up()` after).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+@dataclass
+class Prompt:
+    """Token ids (chat template + tokenizer, one `<image>` token per image) and the images, in order."""
+
+    token_ids: list[int]
+    images: list[Image.Image] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    """One sampled response. `versions[i]` is the policy version (number of weight pushes) that produced token i."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (EOS or stop token), "length" (token budget or max_model_len), "abort"
+    versions: list[int]
+    text: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason == "stop"
+
+
+class RolloutEngine:
+    """A vLLM engine serving a kimi_mm checkpoint for RL rollouts, with in-place weight updates."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        max_model_len: int = 4096,
+        max_images_per_prompt: int = 4,
+        dtype: str = "auto",
+        seed: int = 0,
+        logprobs_mode: str = "raw_logprobs",
+        gpu_memory_utilization: float = 0.5,
+        cpu_kv_cache_gib: int = 2,
+        enable_sleep_mode: bool | None = None,
+        enforce_eager: bool = False,
+        **engine_kwargs,
+    ):
+        """`logprobs_mode="raw_logprobs"` returns log-softmax of the unscaled logits (the policy's own log-probs);
+        `"processed_logprobs"` returns those of the temperature/top-p-adjusted sampling distribution.
+        `cpu_kv_cache_gib` sizes the KV cache on CPU; `gpu_memory_utilization` on CUDA. Sleep mode defaults to on
+        when CUDA is available. Extra keyword arguments go to `vllm.LLM`."""
+        self.path = Path(model)
+        missing = [n for n in PROCESSOR_FILES if (self.path / n).is_file()] == []
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"checkpoint {str(self.path)!r} is not a directory")
+        if missing or not (self.path / "tokenizer_config.json").is_file():
+            raise FileNotFoundError(
+                f"checkpoint {str(self.path)!r} has no processor files ({' or '.join(PROCESSOR_FILES)} and "
+                "tokenizer_config.json); save them next to the weights with processor.save_pretrained(DIR)"
+            )
+        from transformers import AutoProcessor
+
+        import kimi_mm  # noqa: F401  (Auto classes)
+
+        self.processor = AutoProcessor.from_pretrained(self.path)
+        self.tokenizer = self.processor.tokenizer
+        self.image_token_id = self.processor.image_token_id
+        self.max_model_len = max_model_len
+        self.max_images_per_prompt = max_images_per_prompt
+        self.weight_shapes = checkpoint_weight_shapes(self.path)
+        self.version = 0
+
+        self.on_cuda = torch.cuda.is_available()
+        if not self.on_cuda:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+        self.sleep_mode = self.on_cuda if enable_sleep_mode is None else enable_sleep_mode
+        if self.sleep_mode and not self.on_cuda:
+            raise ValueError("enable_sleep_mode needs CUDA; vLLM refuses it on CPU")
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=str(self.path),
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            limit_mm_per_prompt={"image": max_images_per_prompt},
+            logprobs_mode=logprobs_mode,
+            enforce_eager=enforce_eager,
+            worker_extension_cls="trainers.rollout.WeightSyncExtension",
+            **({"gpu_memory_utilization": gpu_memory_utilization} if self.on_cuda else {}),
+            **({"enable_sleep_mode": True} if self.sleep_mode else {}),
+            **engine_kwargs,
+        )
+        self.sleeping = False
+
+    # -- prompts ---------------------------------------------------------------------------------------------
+
+    def encode(self, messages: list[dict], **template_kwargs) -> Prompt:
+        """A chat (content blocks `{"type": "image", "image": PIL|path|bytes}` / `{"type": "text", ...}`) as a
+        Prompt: chat template with the generation prompt, tokenized without expanding the image placeholders."""
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
+        images = [
+            block.get("image", block.get("path", block.get("url")))
+            for message in messages
+            if isinstance(message.get("content"), list)
+            for block in message["content"]
+            if block.get("type") == "image"
+        ]
+        return Prompt(self.tokenizer(text, add_special_tokens=False)["input_ids"], images)
+
+    def _request(self, index: int, prompt: Prompt, response_ids: Sequence[int] = ()) -> dict:
+        """The vLLM request for a prompt (+ a partial response), after checking it fits the engine."""
+        n_placeholders = prompt.token_ids.count(self.image_token_id)
+        if n_placeholders != len(prompt.images):
+            raise ValueError(
+                f"prompt {index}: {n_placeholders} image token(s) for {len(prompt.images)} image(s); token ids must "
+                "hold one unexpanded image token per image (use RolloutEngine.encode, not processor-expanded ids)"
+            )
+        if len(prompt.images) > self.max_images_per_prompt:
+            raise ValueError(
+                f"prompt {index}: {len(prompt.images)} images, over the engine's max_images_per_prompt="
+                f"{self.max_images_per_prompt}"
+            )
+        image_processor = self.processor.image_processor
+        images = []
+        for i, image in enumerate(prompt.images):
+            try:
+                images.append(image_processor.load_image(image, i))
+            except ValueError as err:
+                raise ValueError(f"prompt {index}: {err}") from err
+        sizes = [(image.height, image.width) for image in images]
+        image_tokens = (
+            sum(self.processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]) if sizes else 0
+        )
+        length = len(prompt.token_ids) - n_placeholders + image_tokens + len(response_ids)
+        if length >= self.max_model_len:
+            raise ValueError(
+                f"prompt {index}: {length} tokens after expanding its {len(images)} image(s) to {image_tokens} image "
+                f"tokens{f' (with {len(response_ids)} response tokens)' if response_ids else ''}; the engine's "
+                f"max_model_len is {self.max_model_len}"
+            )
+        request = {"prompt_token_ids": list(prompt.token_ids) + list(response_ids)}
+        if images:
+            request["multi_modal_data"] = {"image": images}
+        return request
+
+    # -- generation ------------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        n: int = 1,
+        *,
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> list[list[Completion]]:
+        """`n` samples per prompt; returns one list of Completions per prompt."""
+        requests = [self._request(i, p) for i, p in enumerate(prompts)]
+        params = self._sampling_params(n, max_tokens, temperature, top_p, top_k, seed, stop_token_ids)
+        outputs = self._run(requests, params)
+        return [[self._completion(c) for c in out.outputs] for out in outputs]
+
+    def continue_responses(
+        self,
+        prompts: Sequence[Prompt],
+        partials: Sequence[Completion],
+        *,
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> list[Completion]:
+        """Continue each unfinished response (prompt + its partial tokens + the same images) with a new token
+        budget. The result holds the partial's tokens, logprobs and versions followed by the new ones."""
+        if len(prompts) != len(partials):
+            raise ValueError(f"{len(prompts)} prompts but {len(partials)} partial responses")
+        requests = [self._request(i, p, c.token_ids) for i, (p, c) in enumerate(zip(prompts, partials))]
+        params = self._sampling_params(1, max_tokens, temperature, top_p, top_k, seed, stop_token_ids)
+        outputs = self._run(requests, params)
+        merged = []
+        for partial, out in zip(partials, outputs):
+            new = self._completion(out.outputs[0])
+            merged.append(
+                Completion(
+                    token_ids=list(partial.token_ids) + new.token_ids,
+                    logprobs=list(partial.logprobs) + new.logprobs,
+                    finish_reason=new.finish_reason,
+                    versions=list(partial.versions) + new.versions,
+                    text=partial.text + new.text,
+                )
+            )
+        return merged
+
+    def _sampling_params(self, n, max_tokens, temperature, top_p, top_k, seed, stop_token_ids):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=n,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop_token_ids=list(stop_token_ids) if stop_token_ids else None,
+            logprobs=0,  # the sampled token's logprob only
+            skip_special_tokens=False,
+        )
+
+    def _run(self, requests: list[dict], params):
+        if self.sleeping:
+            raise RuntimeError("the engine is asleep; call wake_up() before generating")
+        return self.llm.generate(requests, params, use_tqdm=False)
+
+    def _completion(self, output) -> Completion:
+        token_ids = list(output.token_ids)
+        logprobs = [position[token].logprob for token, position in zip(token_ids, output.logprobs or [])]
+        return Completion(
+            token_ids=token_ids,
+            logprobs=logprobs,
+            finish_reason=output.finish_reason or "abort",
+            versions=[self.version] * len(token_ids),
+            text=output.text,
+        )
+
+    # -- weights ---------------------------------------------------------------------------------------------
+
+    def update_weights(self, model: nn.Module) -> int:
+        """Push `model`'s weights into the running engine in place and return the new policy version.
+
+        `model` may be wrapped (DDP / accelerate / torch.compile), sharded (FSDP2 DTensors, DeepSpeed ZeRO-3: every
+        rank must call this, since gathers are collectives) or a PEFT model (adapters merged for the push, then
+        unmerged). Names and shapes are checked against the checkpoint before anything is written, so a bad push
+        raises and the engine keeps serving the old weights."""
+        if self.sleeping:
+            self.wake_up()
+        self.check_weights(full_weight_shapes(model))
+        path = Path(SHM_DIR) / f"kimi_mm_push_{os.getpid()}_{uuid.uuid4().hex}.safetensors"
+        try:
+            with full_weights(model) as weights:
+                save_file({name: tensor.contiguous().cpu() for name, tensor in weights}, str(path))
+            self.llm.collective_rpc("load_weights_from_file", args=(str(path),))
+        finally:
+            path.unlink(missing_ok=True)
+        self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+        self.version += 1
+        return self.version
+
+    def check_weights(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Raise a ValueError naming every weight whose name or shape differs from the served checkpoint's."""
+        expected = self.weight_shapes
+        missing = sorted(set(expected) - set(shapes))
+        unexpected = sorted(set(shapes) - set(expected))
+        wrong = sorted(
+            f"{k}: {tuple(shapes[k])} vs {expected[k]}"
+            for k in set(shapes) & set(expected)
+            if tuple(shapes[k]) != expected[k]
+        )
+        if missing or unexpected or wrong:
+            parts = [
+                f"{label} {items[:8]}{' ...' if len(items) > 8 else ''}"
+                for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                if items
+            ]
+            raise ValueError(
+                "weight push refused, nothing was written (the engine keeps its weights): " + "; ".join(parts)
+            )
+
+    # -- sharing one GPU (k1.5 hybrid deployment) ------------------------------------------------------------
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the GPU for training: level 1 offloads weights to CPU and drops the KV cache."""
+        if not self.sleep_mode:
+            raise RuntimeError("sleep mode is off (it needs CUDA and enable_sleep_mode=True)")
+        self.llm.sleep(level=level)
+        self.sleeping = True
+
+    def wake_up(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`); called through `LLM.collective_rpc`."""
+
+    def load_weights_from_file(self, path: str) -> None:
+        """Reload the served model's weights in place from a safetensors file holding checkpoint names."""
+        with safe_open(path, framework="pt", device="cpu") as f:
+            self.reload_weights(weights_iterator=((name, f.get_tensor(name)) for name in f.keys()))
+
+
+def checkpoint_weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the weights in a safetensors checkpoint (read from the headers, no data loaded)."""
+    index = path / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    )
+    shapes = {}
+    for name in files:
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} has no {name}")
+        with safe_open(path / name, framework="pt") as f:
+            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    return shapes
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model under DDP / DeepSpeed engine / accelerate / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "merge_adapter") and hasattr(model, "peft_config")
+
+
+def _checkpoint_name(name: str, peft: bool) -> str | None:
+    """HF checkpoint name of a parameter, or None for parameters that are not pushed (LoRA factors)."""
+    name = name.replace("_checkpoint_wrapped_module.", "")
+    if not peft:
+        return name
+    if "lora_" in name or ".original_module." in name:
+        return None
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+
+
+def _global_shape(param: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(param, "ds_shape", None) or param.shape)  # ZeRO-3 keeps the full shape in ds_shape
+
+
+def full_weight_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Checkpoint names and full (unsharded) shapes of what `full_weights` yields, without gathering data."""
+    model = _unwrap(model)
+    peft = _is_peft(model)
+    return {n: _global_shape(p) for raw, p in model.named_parameters() if (n := _checkpoint_name(raw, peft))}
+
+
+@contextmanager
+def full_weights(model: nn.Module) -> Iterator[Iterator[tuple[str, torch.Tensor]]]:
+    """Yield an iterator of `(checkpoint_name, full_tensor)`, gathering one parameter at a time."""
+    model = _unwrap(model)
+    peft = _is_peft(model)
+    if peft:
+        model.merge_adapter()
+    try:
+        yield _gathered(model, peft)
+    finally:
+        if peft:
+            model.unmerge_adapter()
+
+
+def _gathered(model: nn.Module, peft: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    for raw, param in model.named_parameters():
+        name = _checkpoint_name(raw, peft)
+        if name is None:
+            continue
+        if hasattr(param, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                yield name, param.data.detach().clone()
+        elif hasattr(param, "full_tensor"):  # FSDP2 DTensor
+            yield name, param.full_tensor().detach()
+        else:
+            yield name, param.detach()
