@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test bench lint clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -rs
+
+bench: setup
+	$(PY) -m scripts.bench_rollout
 
 lint: setup
 	$(VENV)/bin/ruff check .

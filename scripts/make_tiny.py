@@ -35,15 +35,24 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_config(tokenizer: PreTrainedTokenizerFast, text_model_type: str = "qwen2") -> KimiMMConfig:
+# Widths and depths: "tiny" (~1.8M parameters) for tests and the demo, "100m" (~110M) for the weight-push benchmark.
+SIZES = {
+    "tiny": {"text": (128, 256, 2, 2, 1), "vision": (128, 256, 2, 2)},
+    "100m": {"text": (768, 2560, 12, 12, 4), "vision": (512, 1536, 4, 8)},
+}
+
+
+def tiny_config(tokenizer: PreTrainedTokenizerFast, text_model_type: str = "qwen2", size: str = "tiny") -> KimiMMConfig:
+    hidden, intermediate, layers, heads, kv_heads = SIZES[size]["text"]
+    v_hidden, v_intermediate, v_layers, v_heads = SIZES[size]["vision"]
     text_config = {
         "model_type": text_model_type,
         "vocab_size": len(tokenizer),
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
         "head_dim": 64,
         "max_position_embeddings": 4096,
         "tie_word_embeddings": False,
@@ -52,10 +61,10 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, text_model_type: str = "qwen
         "bos_token_id": None,
     }
     vision_config = {
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
+        "hidden_size": v_hidden,
+        "intermediate_size": v_intermediate,
+        "num_hidden_layers": v_layers,
+        "num_attention_heads": v_heads,
         "patch_size": 14,
         "num_position_embeddings": 8,
     }
@@ -67,12 +76,12 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, text_model_type: str = "qwen
     )
 
 
-def make_tiny(out: str | Path, seed: int = 0, text_model_type: str = "qwen2") -> Path:
+def make_tiny(out: str | Path, seed: int = 0, text_model_type: str = "qwen2", size: str = "tiny") -> Path:
     """Save a random tiny model and its processor to `out` and return the path."""
     out = Path(out)
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    model = KimiMMForConditionalGeneration(tiny_config(tokenizer, text_model_type)).eval()
+    model = KimiMMForConditionalGeneration(tiny_config(tokenizer, text_model_type, size)).eval()
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id], pad_token_id=tokenizer.pad_token_id
     )
@@ -88,8 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="directory to write the checkpoint to")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text-model-type", default="qwen2", choices=["qwen2", "qwen3", "llama"])
+    parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
     args = parser.parse_args(argv)
-    path = make_tiny(args.out, args.seed, args.text_model_type)
+    path = make_tiny(args.out, args.seed, args.text_model_type, args.size)
     print(f"wrote tiny kimi_mm checkpoint to {path}")
 
 

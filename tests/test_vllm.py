@@ -3,6 +3,7 @@
 One engine serves the whole module (start-up costs ~20 s); tests that push weights restore the original ones.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -39,7 +40,7 @@ def messages_for(images):
 def engine(tiny_dir):
     engine = RolloutEngine(tiny_dir, max_model_len=1024, max_images_per_prompt=2, dtype="float32", enforce_eager=True)
     yield engine
-    engine.llm.llm_engine.engine_core.shutdown()
+    engine.shutdown()
 
 
 @pytest.fixture()
@@ -168,19 +169,28 @@ def test_push_from_peft_lora_model(engine, fresh_model, processor, restore_weigh
     assert engine.generate([prompt], max_tokens=8, temperature=0.0)[0][0].token_ids == expected
 
 
-def test_push_from_ddp_wrapped_model(engine, fresh_model, processor, restore_weights):
-    import torch.distributed as dist
-
-    prompt = engine.encode(messages_for(CASES["text"]))
-    model, target = forced_model(fresh_model, engine, prompt)
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def single_process_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
-        engine.update_weights(torch.nn.parallel.DistributedDataParallel(model))
+        yield
     finally:
         dist.destroy_process_group()
+
+
+def test_push_from_ddp_wrapped_model(engine, fresh_model, restore_weights):
+    prompt = engine.encode(messages_for(CASES["text"]))
+    model, target = forced_model(fresh_model, engine, prompt)
+    with single_process_group():
+        engine.update_weights(torch.nn.parallel.DistributedDataParallel(model))
     assert engine.generate([prompt], max_tokens=1, temperature=0.0)[0][0].token_ids == [target]
 
 
@@ -251,9 +261,7 @@ def test_vllm_serve_answers_an_image_chat(tiny_dir, tmp_path):
     import base64
     import io
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [
             sys.executable,
@@ -311,3 +319,18 @@ def test_vllm_serve_answers_an_image_chat(tiny_dir, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_push_from_fsdp2_sharded_model(engine, fresh_model, restore_weights):
+    """FSDP2 parameters are DTensors; the push gathers each to its full tensor."""
+    from torch.distributed.fsdp import fully_shard
+
+    prompt = engine.encode(messages_for(CASES["text"]))
+    model, target = forced_model(fresh_model, engine, prompt)
+    with single_process_group():
+        for layer in model.model.language_model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        assert any(type(p).__name__ == "DTensor" for p in model.parameters())
+        engine.update_weights(model)
+    assert engine.generate([prompt], max_tokens=1, temperature=0.0)[0][0].token_ids == [target]
