@@ -1,0 +1,167 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForImageTextToText
+
+from data.records import Example
+from data.synthetic import generate, write_dataset
+from trainers.sft import IGNORE_INDEX, ChatSFTDataset, MultimodalCollator, SFTConfig, SFTTrainer
+
+from .conftest import ROOT, shapes_image
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return generate(8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def dataset(examples, processor):
+    return ChatSFTDataset(examples, processor, max_length=2048)
+
+
+def test_labels_cover_only_the_assistant_turn(processor):
+    example = Example(
+        problem="How many red circles?",
+        answer="3",
+        images=[shapes_image(56, 56)],
+        reasoning="I count one, two, three. Let me check: three.",
+    )
+    item = ChatSFTDataset([example], processor, 2048)[0]
+    trained = item["input_ids"][item["labels"] != IGNORE_INDEX]
+    assert processor.decode(trained) == (
+        "<think>\nI count one, two, three. Let me check: three.\n</think>\n\n\\boxed{3}<|im_end|>"
+    )
+    assert (item["labels"][item["input_ids"] == processor.image_token_id] == IGNORE_INDEX).all()
+
+
+def test_too_long_examples_are_skipped_not_cut(processor, examples):
+    dataset = ChatSFTDataset(examples[:3], processor, max_length=40)
+    assert len(dataset) == 0 and dataset.skipped == 3
+
+
+def test_packing_fills_rows_without_padding(dataset, processor):
+    items = [dataset[i] for i in range(4)]
+    total = sum(len(item["input_ids"]) for item in items)
+    packed = MultimodalCollator(processor.tokenizer.pad_token_id, max_length=total, packing=True)(items)
+    assert packed["input_ids"].shape == (1, total)
+    assert "attention_mask" not in packed
+    starts = (packed["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert len(starts) == 4  # one segment per example
+    narrow = MultimodalCollator(processor.tokenizer.pad_token_id, max_length=total // 2 + 40, packing=True)(items)
+    assert 1 < narrow["input_ids"].shape[0] < 4
+    assert narrow["pixel_values"].shape == packed["pixel_values"].shape
+
+
+def test_packed_and_padded_batches_give_the_same_loss_and_logits(dataset, processor, tiny_model):
+    items = [dataset[i] for i in range(4)]
+    pad = processor.tokenizer.pad_token_id
+    packed = MultimodalCollator(pad, max_length=4096, packing=True)(items)
+    padded = MultimodalCollator(pad, max_length=4096, packing=False)(items)
+    with torch.no_grad():
+        packed_out = tiny_model(**packed)
+        padded_out = tiny_model(**padded)
+    torch.testing.assert_close(packed_out.loss, padded_out.loss, atol=1e-5, rtol=1e-5)
+    # Example by example: the packed row's logits equal those of the padded row (no cross-example attention).
+    order = sorted(range(4), key=lambda i: -len(items[i]["input_ids"]))  # the collator's first-fit order
+    start = 0
+    for i in order:
+        n = len(items[i]["input_ids"])
+        torch.testing.assert_close(
+            packed_out.logits[0, start : start + n], padded_out.logits[i, :n], atol=1e-4, rtol=1e-4
+        )
+        start += n
+
+
+def test_short_sft_run_lowers_the_loss(tiny_dir, processor, dataset, tmp_path):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=25,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        logging_steps=1,
+        save_strategy="no",
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = SFTTrainer(model=model, args=args, processing_class=processor, train_dataset=dataset)
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:3]) / 3
+    out = trainer.save_final(tmp_path / "final")
+    assert (out / "model.safetensors").is_file() and (out / "processor_config.json").is_file()
+
+
+def test_lora_and_frozen_vision_tower(tiny_dir, processor, dataset, tmp_path):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        use_lora=True,
+        lora_r=4,
+        freeze_vision_tower=True,
+        save_strategy="no",
+        use_cpu=True,
+    )
+    trainer = SFTTrainer(model=model, args=args, processing_class=processor, train_dataset=dataset)
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "multi_modal_projector" in n for n in trainable)
+    assert not any("vision_tower" in n for n in trainable)
+    trainer.train()
+    out = trainer.save_final(tmp_path / "merged")
+    merged = AutoModelForImageTextToText.from_pretrained(out)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+@pytest.mark.slow
+def test_cli_with_yaml_and_two_processes(tiny_dir, tmp_path):
+    data_dir = write_dataset(generate(8, seed=1), tmp_path / "data")
+    config = {
+        "model_name_or_path": str(tiny_dir),
+        "train_data": str(data_dir),
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "save_strategy": "no",
+        "use_cpu": True,
+        "logging_steps": 1,
+    }
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "trainers" / "sft.py"),
+            "--config",
+            str(tmp_path / "sft.yaml"),
+            "--learning_rate",
+            "1e-4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert "sft: 2 steps on 2 process(es)" in proc.stdout
+
+
+def test_config_file_and_flag_overrides(tmp_path):
+    from trainers.sft import parse_config
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"output_dir": "x", "learning_rate": 0.5, "packing": True}))
+    config = parse_config(["--config", str(tmp_path / "c.yaml"), "--learning_rate", "0.25", "--packing", "false"])
+    assert (config.output_dir, config.learning_rate, config.packing) == ("x", 0.25, False)
