@@ -34,10 +34,11 @@ test: setup
 
 bench: setup
 	$(PY) -m scripts.bench_rollout
+	$(PY) -m scripts.bench_sft
 
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check kimi_mm scripts tests
+	$(VENV)/bin/ruff format --check kimi_mm scripts tests trainers data
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -35,9 +35,11 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-# Widths and depths: "tiny" (~1.8M parameters) for tests and the demo, "100m" (~110M) for the weight-push benchmark.
+# Widths and depths: "tiny" (~1.8M parameters) for tests, "small" (~9M) for the demo, "100m" (~110M) for the
+# weight-push benchmark.
 SIZES = {
     "tiny": {"text": (128, 256, 2, 2, 1), "vision": (128, 256, 2, 2)},
+    "small": {"text": (256, 768, 4, 4, 2), "vision": (256, 768, 4, 4)},
     "100m": {"text": (768, 2560, 12, 12, 4), "vision": (512, 1536, 4, 8)},
 }
 

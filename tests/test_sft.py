@@ -165,3 +165,18 @@ def test_config_file_and_flag_overrides(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"output_dir": "x", "learning_rate": 0.5, "packing": True}))
     config = parse_config(["--config", str(tmp_path / "c.yaml"), "--learning_rate", "0.25", "--packing", "false"])
     assert (config.output_dir, config.learning_rate, config.packing) == ("x", 0.25, False)
+
+
+def test_per_example_attention_matches_the_masked_path(dataset, processor, tiny_dir, tiny_model):
+    from trainers.sft import PACKED_ATTENTION
+
+    items = [dataset[i] for i in range(4)]
+    packed = MultimodalCollator(processor.tokenizer.pad_token_id, max_length=500, packing=True)(items)
+    assert packed["input_ids"].shape[0] > 1  # several rows, each with several examples and a padding tail
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir).eval()
+    model.model.language_model.set_attn_implementation(PACKED_ATTENTION)
+    with torch.no_grad():
+        per_example = model(**packed)
+        masked = tiny_model(**packed)  # sdpa with the block-diagonal mask transformers derives
+    torch.testing.assert_close(per_example.logits, masked.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(per_example.loss, masked.loss, atol=1e-5, rtol=1e-5)

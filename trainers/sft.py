@@ -23,7 +23,15 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, Trainer, TrainingArguments
+from transformers import (
+    AttentionInterface,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.masking_utils import AttentionMaskInterface
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -42,6 +50,38 @@ class SFTConfig(TrainingArguments):
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "the collator needs every field"})
+
+
+PACKED_ATTENTION = "kimi_mm_packed_sdpa"
+
+
+def packed_sdpa_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None, **kwargs
+):
+    """Causal attention run separately on each packed example (a segment starts where `position_ids` do not go up
+    by one), so the cost is the sum of n_i^2 instead of row_length^2 and no mask is built. query/key/value:
+    `[rows, heads, length, head_dim]`; returns `[rows, length, heads, head_dim]`."""
+    if position_ids is None or attention_mask is not None:
+        raise ValueError(f"{PACKED_ATTENTION} needs packed batches (position_ids, no attention mask)")
+    position_ids = position_ids.expand(query.shape[0], -1)
+    out = torch.empty_like(query)
+    for row, positions in enumerate(position_ids):
+        starts = [0] + ((positions[1:] - positions[:-1]) != 1).nonzero().flatten().add(1).tolist()
+        for start, end in zip(starts, starts[1:] + [positions.shape[0]]):
+            out[row, :, start:end] = torch.nn.functional.scaled_dot_product_attention(
+                query[row : row + 1, :, start:end],
+                key[row : row + 1, :, start:end],
+                value[row : row + 1, :, start:end],
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=True,
+                dropout_p=dropout if module.training else 0.0,
+            )[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+AttentionMaskInterface.register(PACKED_ATTENTION, lambda *args, **kwargs: None)  # segments come from position_ids
 
 
 class ChatSFTDataset(Dataset):
@@ -176,6 +216,8 @@ class SFTTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
+        if model.config.text_config._attn_implementation == PACKED_ATTENTION:
+            model.model.language_model.set_attn_implementation("sdpa")  # generation needs a regular kernel
         if self.args.should_save:
             model.save_pretrained(output_dir)
             self.processing_class.save_pretrained(output_dir)

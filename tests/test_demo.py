@@ -1,0 +1,26 @@
+"""The demo pipeline end to end at toy sizes (the full run is `make demo`)."""
+
+import json
+
+import pytest
+
+from scripts.demo import main
+
+
+@pytest.mark.slow
+def test_demo_pipeline_writes_report_plots_and_a_reloadable_checkpoint(tmp_path):
+    summary = main(["--out", str(tmp_path), "--train", "24", "--test", "10", "--epochs", "1", "--size", "tiny"])
+    assert (tmp_path / "report.md").read_text().startswith("# kimi_mm demo report")
+    for name in ("loss.png", "accuracy.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["weight_files"] == ["model.safetensors"]
+    assert summary["train_examples"] == 24 and summary["test_examples"] == 10
+    assert set(summary["per_task_sft"]) == {
+        "bar_chart",
+        "colour_choice",
+        "count_shapes",
+        "digit_arithmetic",
+        "triangle_angle",
+    }
+    assert 0.0 <= summary["accuracy_sft"] <= 1.0 and summary["example_reply"]
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
