@@ -39,9 +39,14 @@ def test_labels_cover_only_the_assistant_turn(processor):
     assert (item["labels"][item["input_ids"] == processor.image_token_id] == IGNORE_INDEX).all()
 
 
-def test_too_long_examples_are_skipped_not_cut(processor, examples):
+def test_too_long_and_undecodable_examples_are_skipped_and_counted(processor, examples, tmp_path):
     dataset = ChatSFTDataset(examples[:3], processor, max_length=40)
-    assert len(dataset) == 0 and dataset.skipped == 3
+    assert len(dataset) == 0 and dataset.skip_reasons == {"too long": 3}
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    bad = Example(problem="How many?", answer="1", images=[str(broken)], id="bad-1")
+    dataset = ChatSFTDataset([bad, examples[0]], processor, max_length=2048)
+    assert len(dataset) == 1 and dataset.skip_reasons == {"bad image": 1} and dataset.skipped == 1
 
 
 def test_packing_fills_rows_without_padding(dataset, processor):

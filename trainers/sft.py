@@ -87,23 +87,29 @@ AttentionMaskInterface.register(PACKED_ATTENTION, lambda *args, **kwargs: None) 
 class ChatSFTDataset(Dataset):
     """Examples (`data.records.Example`) tokenized with the processor's chat template, with assistant-only labels.
 
-    Examples longer than `max_length` are skipped (and counted): an image's tokens are never cut."""
+    Examples longer than `max_length` (an image's tokens are never cut) or whose images fail to decode are skipped
+    and counted in `skipped`, by reason in `skip_reasons`."""
 
     def __init__(self, examples: list, processor, max_length: int):
         from data.records import to_messages
 
-        self.items, self.skipped = [], 0
+        self.items, self.skip_reasons = [], {}
         for example in tqdm(examples, desc="tokenizing", disable=len(examples) < 64):
-            out = processor.apply_chat_template(
-                to_messages(example, with_response=True),
-                tokenize=True,
-                return_dict=True,
-                return_assistant_tokens_mask=True,
-                return_tensors="pt",
-            )
+            try:
+                out = processor.apply_chat_template(
+                    to_messages(example, with_response=True),
+                    tokenize=True,
+                    return_dict=True,
+                    return_assistant_tokens_mask=True,
+                    return_tensors="pt",
+                )
+            except ValueError as err:  # an image that passed the loader's check but does not decode
+                logger.warning("skipping example %r: %s", example.id, err)
+                self.skip_reasons["bad image"] = self.skip_reasons.get("bad image", 0) + 1
+                continue
             input_ids = out["input_ids"][0]
             if len(input_ids) > max_length:
-                self.skipped += 1
+                self.skip_reasons["too long"] = self.skip_reasons.get("too long", 0) + 1
                 continue
             labels = torch.where(out["assistant_masks"][0].bool(), input_ids, IGNORE_INDEX)
             item = {"input_ids": input_ids, "labels": labels}
@@ -111,9 +117,14 @@ class ChatSFTDataset(Dataset):
                 item |= {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
             self.items.append(item)
         if self.skipped:
+            reasons = ", ".join(f"{k}: {v}" for k, v in self.skip_reasons.items())
             logger.warning(
-                "skipped %d of %d examples longer than max_length=%d", self.skipped, len(examples), max_length
+                "skipped %d of %d examples (%s; max_length=%d)", self.skipped, len(examples), reasons, max_length
             )
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skip_reasons.values())
 
     def __len__(self) -> int:
         return len(self.items)
