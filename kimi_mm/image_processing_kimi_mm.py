@@ -80,11 +80,6 @@ class KimiMMImageProcessor(BaseImageProcessor):
         """The pixel budget in the Qwen2-VL convention that vLLM reads (`longest_edge` is an area)."""
         return {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
 
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        out.pop("size", None)
-        return out
-
     # -- loading ---------------------------------------------------------------------------------------------
 
     def fetch_images(self, images):

@@ -326,11 +326,11 @@ class KimiMMModel(KimiMMPreTrainedModel):
             )
         if ((grid[:, 1:] % m) != 0).any():
             raise ValueError(f"image_grid_thw {grid.tolist()} has rows/cols not divisible by merge_size {m}")
-        vision_out = self.vision_tower(pixel_values, grid, **kwargs)
-        features = self.multi_modal_projector(vision_out.last_hidden_state, grid)
-        vision_out = BaseModelOutputWithPooling(last_hidden_state=vision_out.last_hidden_state)
-        vision_out.pooler_output = torch.split(features, (grid.prod(-1) // m**2).tolist())
-        return vision_out
+        hidden = self.vision_tower(pixel_values, grid, **kwargs).last_hidden_state
+        features = self.multi_modal_projector(hidden, grid)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden, pooler_output=torch.split(features, (grid.prod(-1) // m**2).tolist())
+        )
 
     @can_return_tuple
     def forward(

@@ -107,9 +107,7 @@ class KimiMMProcessor(ProcessorMixin):
 
     def _process_images(self, images, **kwargs):
         processed = self.image_processor(images, **kwargs)
-        merge = self.image_processor.merge_size**2
-        replacements = [self.image_token * (int(g[1]) * int(g[2]) // merge) for g in processed["image_grid_thw"]]
-        return processed, replacements
+        return processed, [self.replace_image_token(processed, i) for i in range(len(processed["image_grid_thw"]))]
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         grid = image_inputs["image_grid_thw"][image_idx]

@@ -21,6 +21,7 @@ training and rollouts share one GPU (`sleep()` before the training step, `wake_u
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import tempfile
@@ -337,7 +338,7 @@ class SharedWeightBuffer:
         self.layout, offset = [], 0
         for name, (shape, dtype) in specs.items():
             self.layout.append((name, offset, list(shape), str(dtype).removeprefix("torch.")))
-            offset += -(-_numel(shape) * dtype.itemsize // 64) * 64  # 64-byte aligned
+            offset += -(-math.prod(shape) * dtype.itemsize // 64) * 64  # 64-byte aligned
         self.path = str(Path(SHM_DIR) / f"kimi_mm_weights_{os.getpid()}_{uuid.uuid4().hex}.bin")
         with open(self.path, "w+b") as f:
             f.truncate(max(offset, 1))
@@ -361,20 +362,13 @@ def _close(buffer: mmap.mmap) -> None:
         pass
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _views(buffer: mmap.mmap, layout: list) -> dict[str, torch.Tensor]:
     """Tensors viewing `buffer` (no copy) at the layout's offsets."""
     storage = torch.frombuffer(buffer, dtype=torch.uint8)
     views = {}
     for name, offset, shape, dtype in layout:
         dtype = getattr(torch, dtype)
-        views[name] = storage[offset : offset + _numel(shape) * dtype.itemsize].view(dtype).view(shape)
+        views[name] = storage[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
     return views
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,7 +94,7 @@ class ChatSFTDataset(Dataset):
     def __init__(self, examples: list, processor, max_length: int):
         from data.records import to_messages
 
-        self.items, self.skip_reasons = [], {}
+        self.items, self.skip_reasons = [], Counter()
         for example in tqdm(examples, desc="tokenizing", disable=len(examples) < 64):
             try:
                 out = processor.apply_chat_template(
@@ -105,11 +106,11 @@ class ChatSFTDataset(Dataset):
                 )
             except ValueError as err:  # an image that passed the loader's check but does not decode
                 logger.warning("skipping example %r: %s", example.id, err)
-                self.skip_reasons["bad image"] = self.skip_reasons.get("bad image", 0) + 1
+                self.skip_reasons["bad image"] += 1
                 continue
             input_ids = out["input_ids"][0]
             if len(input_ids) > max_length:
-                self.skip_reasons["too long"] = self.skip_reasons.get("too long", 0) + 1
+                self.skip_reasons["too long"] += 1
                 continue
             labels = torch.where(out["assistant_masks"][0].bool(), input_ids, IGNORE_INDEX)
             item = {"input_ids": input_ids, "labels": labels}
@@ -124,7 +125,7 @@ class ChatSFTDataset(Dataset):
 
     @property
     def skipped(self) -> int:
-        return sum(self.skip_reasons.values())
+        return self.skip_reasons.total()
 
     def __len__(self) -> int:
         return len(self.items)
