@@ -189,9 +189,7 @@ class RolloutEngine:
 
     def generate(self, prompts: Sequence[Prompt], n: int = 1, *, max_tokens: int, **sampling) -> list[list[Completion]]:
         """`n` samples per prompt; returns one list of Completions per prompt. `sampling`: see `sampling_params`."""
-        requests = [self._request(i, p) for i, p in enumerate(prompts)]
-        outputs = self._run(requests, sampling_params(n, max_tokens, **sampling))
-        return [[self._completion(c) for c in out.outputs] for out in outputs]
+        return self.rollout(prompts, n=n, max_tokens=max_tokens, **sampling)
 
     def continue_responses(
         self, prompts: Sequence[Prompt], partials: Sequence[Completion], *, max_tokens: int, **sampling
@@ -200,21 +198,38 @@ class RolloutEngine:
         budget. The result holds the partial's tokens, logprobs and versions followed by the new ones."""
         if len(prompts) != len(partials):
             raise ValueError(f"{len(prompts)} prompts but {len(partials)} partial responses")
-        requests = [self._request(i, p, c.token_ids) for i, (p, c) in enumerate(zip(prompts, partials))]
-        outputs = self._run(requests, sampling_params(1, max_tokens, **sampling))
-        merged = []
-        for partial, out in zip(partials, outputs):
-            new = self._completion(out.outputs[0])
-            merged.append(
-                Completion(
-                    token_ids=list(partial.token_ids) + new.token_ids,
-                    logprobs=list(partial.logprobs) + new.logprobs,
-                    finish_reason=new.finish_reason,
-                    versions=list(partial.versions) + new.versions,
-                    text=partial.text + new.text,
-                )
-            )
-        return merged
+        return [group[0] for group in self.rollout(prompts, partials, max_tokens=max_tokens, **sampling)]
+
+    def rollout(
+        self,
+        prompts: Sequence[Prompt],
+        partials: Sequence[Completion | None] | None = None,
+        *,
+        n: int = 1,
+        max_tokens: int | Sequence[int],
+        **sampling,
+    ) -> list[list[Completion]]:
+        """Fresh samples and continuations in ONE engine call (so they batch together): for prompt i, `n` new
+        samples if `partials[i]` is None, else one continuation of that partial response. `max_tokens` is one budget
+        or one per prompt. Returns one list of Completions per prompt (continuations include the partial's tokens)."""
+        partials = list(partials) if partials is not None else [None] * len(prompts)
+        budgets = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
+        if not len(prompts) == len(partials) == len(budgets):
+            raise ValueError(f"{len(prompts)} prompts, {len(partials)} partials and {len(budgets)} token budgets")
+        requests = [self._request(i, p, c.token_ids if c else ()) for i, (p, c) in enumerate(zip(prompts, partials))]
+        params = [
+            sampling_params(1 if c else n, budget, banned_token_ids=[self.image_token_id], **sampling)
+            for c, budget in zip(partials, budgets)
+        ]
+        results = []
+        for partial, out in zip(partials, self._run(requests, params)):
+            new = [self._completion(c) for c in out.outputs]
+            results.append([_join(partial, c) for c in new] if partial else new)
+        return results
+
+    def check(self, prompt: Prompt, index: int = 0) -> None:
+        """Raise the ValueError that `generate` would raise for this prompt (too long, too many or bad images)."""
+        self._request(index, prompt)
 
     def _run(self, requests: list[dict], params):
         if self.sleeping:
@@ -308,9 +323,12 @@ def sampling_params(
     seed: int | None = None,
     stop_token_ids: Sequence[int] | None = None,
     ignore_eos: bool = False,
+    banned_token_ids: Sequence[int] = (),
 ):
     """vLLM sampling parameters for rollouts: the sampled token's logprob on every position, special tokens kept in
-    the text. `ignore_eos` (benchmarks) samples exactly `max_tokens` tokens."""
+    the text. `ignore_eos` (benchmarks) samples exactly `max_tokens` tokens. `banned_token_ids` are never sampled (the
+    engine bans the image placeholder: one inside a response would break the image-token count of a continuation
+    or a training forward)."""
     from vllm import SamplingParams
 
     return SamplingParams(
@@ -324,6 +342,18 @@ def sampling_params(
         logprobs=0,
         skip_special_tokens=False,
         ignore_eos=ignore_eos,
+        logit_bias={int(t): -100.0 for t in banned_token_ids} or None,
+    )
+
+
+def _join(partial: Completion, new: Completion) -> Completion:
+    """A partial response followed by its continuation."""
+    return Completion(
+        token_ids=list(partial.token_ids) + new.token_ids,
+        logprobs=list(partial.logprobs) + new.logprobs,
+        finish_reason=new.finish_reason,
+        versions=list(partial.versions) + new.versions,
+        text=partial.text + new.text,
     )
 
 
