@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PIP_ARGS ?=
-EXTRAS ?= cpu,train,dev
+EXTRAS ?= cpu,train,eval,dev
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.setup-done
@@ -35,6 +35,7 @@ test: setup
 bench: setup
 	$(PY) -m scripts.bench_rollout
 	$(PY) -m scripts.bench_sft
+	$(PY) -m scripts.bench_partial_rollout
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,7 @@
 """The RL building blocks without an engine: losses (values and gradients against hand computation), rewards and
 the length penalty, reward timeouts, samplers, repetition detection and the replay buffer's carry-over logic."""
 
+import json
 import math
 import time
 
@@ -288,3 +289,25 @@ def test_without_budget_every_sample_runs_to_the_end_and_loops_are_cut():
     looped, stats = collect(Looping({}), ReplayBuffer(), {"a": Prompt([0])}, ["a"], 0, settings)
     sample = looped[0].samples[0]
     assert sample.end == REPETITION and len(sample.token_ids) == 32 and stats.repetition_stops == 2
+
+
+def test_plot_rl_curves(tmp_path):
+    from scripts.plot_rl import main as plot_main
+
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [
+        {
+            "iteration": i,
+            "reward_mean": i / 4,
+            "accuracy": i / 5,
+            "response_length_mean": 50 + i,
+            "response_length_max": 90,
+        }
+        for i in range(4)
+    ]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = plot_main([str(metrics)])
+    assert out == tmp_path / "curves.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics.write_text('{"iteration": 0}\nnot json\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2"):
+        plot_main([str(metrics)])
