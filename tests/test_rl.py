@@ -78,6 +78,7 @@ def test_partial_rollouts_checkpoint_and_resume(tiny_dir, problems, tmp_path):
     assert (out / "checkpoint-4" / "preprocessor_config.json").is_file() or (
         out / "checkpoint-4" / "processor_config.json"
     ).is_file()
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (out / "final").iterdir()}
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and {"iteration", "problem_id", "answer", "reward", "text"} <= set(samples[0])
 

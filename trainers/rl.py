@@ -503,6 +503,16 @@ class RLTrainer(Trainer):
 
     # -- logging and checkpoints -----------------------------------------------------------------------------
 
+    def save_final(self, output_dir: str | Path) -> Path:
+        """A standalone checkpoint (weights + processor, no training state): what vLLM and `from_pretrained` load."""
+        output_dir = Path(output_dir)
+        state_dict = self.accelerator.get_state_dict(self.model_wrapped)
+        if self.is_world_process_zero():
+            self.accelerator.unwrap_model(self.model_wrapped).save_pretrained(output_dir, state_dict=state_dict)
+            self.processing_class.save_pretrained(output_dir)
+        _barrier()
+        return output_dir
+
     def _metrics(self, iteration, scored, stats, train, seconds) -> dict:
         local = {
             "rewards": [r for _, rewards, _, _ in scored for r in rewards],
@@ -795,12 +805,12 @@ def main(argv: list[str] | None = None) -> Path:
     loaded = load_examples(config.train_data)
     trainer = RLTrainer(model=model, args=config, processing_class=processor, train_dataset=loaded.examples)
     state = trainer.train()
+    final = trainer.save_final(Path(config.output_dir) / "final")
     if trainer.is_world_process_zero():
-        last = _checkpoints(Path(config.output_dir))[-1]
         print(
             f"rl: {config.num_iterations} iterations ({state.global_step} steps) on {config.world_size} process(es), "
             f"{len(loaded.examples)} problems ({loaded.skipped} skipped by the loader); "
-            f"metrics {Path(config.output_dir) / 'metrics.jsonl'}, last checkpoint {last}"
+            f"metrics {Path(config.output_dir) / 'metrics.jsonl'}, final model {final}"
         )
     trainer.engine.shutdown()
     return Path(config.output_dir)
