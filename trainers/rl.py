@@ -37,10 +37,10 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from trainers import losses
+from trainers import cli, losses
 from trainers.partial_rollout import REPETITION, Group, ReplayBuffer, RolloutSettings, Sample, collect
 from trainers.rewards import RewardRunner, length_penalty, length_penalty_weight
 from trainers.sampling import ProblemSampler
@@ -776,21 +776,12 @@ def _set_rng_state(state: dict) -> None:
 def parse_config(argv: list[str] | None = None) -> RLConfig:
     """`--config FILE.yaml` sets the defaults, further `--key value` flags override them; a bare `--resume` means
     the latest checkpoint in output_dir."""
-    import yaml
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--resume" in argv:
         i = argv.index("--resume")
         if i + 1 == len(argv) or argv[i + 1].startswith("--"):
             argv.insert(i + 1, "latest")
-    parser = HfArgumentParser(RLConfig)
-    if "--config" in argv:
-        i = argv.index("--config")
-        path = Path(argv[i + 1])
-        del argv[i : i + 2]
-        parser.set_defaults(**yaml.safe_load(path.read_text()))
-    (config,) = parser.parse_args_into_dataclasses(args=argv)
-    return config
+    return cli.parse_config(RLConfig, argv)
 
 
 def main(argv: list[str] | None = None) -> Path:

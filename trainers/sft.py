@@ -28,11 +28,12 @@ from transformers import (
     AttentionInterface,
     AutoModelForImageTextToText,
     AutoProcessor,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
 )
 from transformers.masking_utils import AttentionMaskInterface
+
+from trainers import cli
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -242,17 +243,7 @@ def _base(model):
 
 def parse_config(argv: list[str] | None = None) -> SFTConfig:
     """`--config FILE.yaml` sets the defaults, further `--key value` flags override them."""
-    import yaml
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(SFTConfig)
-    if "--config" in argv:
-        i = argv.index("--config")
-        path = Path(argv[i + 1])
-        del argv[i : i + 2]
-        parser.set_defaults(**yaml.safe_load(path.read_text()))
-    (config,) = parser.parse_args_into_dataclasses(args=argv)
-    return config
+    return cli.parse_config(SFTConfig, argv)
 
 
 def main(argv: list[str] | None = None) -> Path:

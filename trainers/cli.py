@@ -1,0 +1,28 @@
+"""Command-line configs for the trainers: `--config FILE.yaml` sets the defaults, further `--key value` flags override."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+
+def parse_config(config_class, argv: list[str] | None = None):
+    """Parse a `TrainingArguments` subclass from `argv` (default: `sys.argv[1:]`): the YAML file after `--config`
+    gives the defaults and any other flags override them."""
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(config_class)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 == len(argv):
+            raise SystemExit("--config needs a YAML file")
+        path = Path(argv[i + 1])
+        del argv[i : i + 2]
+        if not path.is_file():
+            raise SystemExit(f"--config {path}: no such file")
+        parser.set_defaults(**(yaml.safe_load(path.read_text()) or {}))
+    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    return config
