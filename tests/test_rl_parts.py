@@ -311,3 +311,19 @@ def test_plot_rl_curves(tmp_path):
     metrics.write_text('{"iteration": 0}\nnot json\n')
     with pytest.raises(ValueError, match="metrics.jsonl:2"):
         plot_main([str(metrics)])
+
+
+@pytest.mark.parametrize("name", ["rl_tiny.yaml", "long2short_rl.yaml"])
+def test_shipped_rl_configs_parse(name):
+    from trainers.rl import parse_config
+
+    from .conftest import ROOT
+
+    config = parse_config(["--config", str(ROOT / "configs" / name), "--resume"])
+    assert config.resume == "latest" and config.num_generations >= 2
+    if name.startswith("long2short"):
+        assert config.length_penalty_weight > 0 and config.length_penalty_start == 0
+        assert (
+            config.max_response_length
+            < parse_config(["--config", str(ROOT / "configs" / "rl_tiny.yaml")]).max_response_length
+        )
