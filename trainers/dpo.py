@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from trainers import cli
 from trainers.sft import IGNORE_INDEX, MultimodalCollator, SFTConfig, SFTTrainer
 
 logger = logging.getLogger(__name__)
@@ -271,16 +272,7 @@ class DPOTrainer(SFTTrainer):
 
 def parse_config(argv: list[str] | None = None) -> DPOConfig:
     """`--config FILE.yaml` sets the defaults, further `--key value` flags override them."""
-    import yaml
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(DPOConfig)
-    if "--config" in argv:
-        i = argv.index("--config")
-        parser.set_defaults(**yaml.safe_load(Path(argv[i + 1]).read_text()))
-        del argv[i : i + 2]
-    (config,) = parser.parse_args_into_dataclasses(args=argv)
-    return config
+    return cli.parse_config(DPOConfig, argv)
 
 
 def main(argv: list[str] | None = None) -> Path:
