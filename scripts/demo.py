@@ -1,13 +1,13 @@
 """The end-to-end demo (the README's first command), on CPU with a tiny model:
 
-    generate verifiable visual-reasoning data → build a tiny kimi_mm model → long-CoT SFT → evaluate on a held-out
-    split (before and after) → save the final checkpoint (safetensors + processor) → reload it with
-    AutoModelForImageTextToText and answer one image question.
+    generate verifiable visual-reasoning data → build a tiny kimi_mm model → long-CoT SFT → k1.5 RL with partial
+    rollouts through vLLM → evaluate on a held-out split (untrained, after SFT, after RL) → save the final checkpoint
+    (safetensors + processor) → reload it with AutoModelForImageTextToText and answer one image question.
 
-    python -m scripts.demo [--out outputs/demo] [--train 1200] [--test 200] [--epochs 4]
+    python -m scripts.demo [--out outputs/demo] [--train 1200] [--test 200] [--epochs 4] [--rl-iterations 12]
 
-Writes `OUT/report.md` with the numbers and PNG plots (loss curve, accuracy per task family) and prints a one-line
-summary. (RL joins the pipeline with the RL issue.)
+Writes `OUT/report.md` with the numbers and PNG plots (SFT loss curve, RL curves, accuracy per task family) and
+prints a one-line summary.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from data.records import to_messages
 from data.synthetic import generate, write_dataset
 from data.verify import extract_boxed, is_correct
 from scripts.make_tiny import make_tiny
+from scripts.plot_rl import plot_curves, read_metrics
+from trainers.rl import RLConfig, RLTrainer
 from trainers.sft import ChatSFTDataset, SFTConfig, SFTTrainer
 
 
@@ -54,7 +56,8 @@ def evaluate(model, processor, examples, max_new_tokens: int = 160, batch_size: 
     }
 
 
-def plot(out: Path, losses: list[tuple[int, float]], before: dict, after: dict) -> None:
+def plot(out: Path, losses: list[tuple[int, float]], stages: dict[str, dict]) -> None:
+    """loss.png (SFT loss) and accuracy.png (accuracy per task family for each stage: label -> `evaluate` result)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,11 +70,12 @@ def plot(out: Path, losses: list[tuple[int, float]], before: dict, after: dict) 
     fig.savefig(out / "loss.png", dpi=120)
     plt.close(fig)
 
-    tasks = list(after["per_task"])
+    tasks = sorted({t for result in stages.values() for t in result["per_task"]})
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    x = range(len(tasks))
-    ax.bar([i - 0.2 for i in x], [before["per_task"].get(t, 0) for t in tasks], 0.4, label="untrained")
-    ax.bar([i + 0.2 for i in x], [after["per_task"][t] for t in tasks], 0.4, label="after SFT")
+    x, width = range(len(tasks)), 0.8 / len(stages)
+    for k, (label, result) in enumerate(stages.items()):
+        offset = (k - (len(stages) - 1) / 2) * width
+        ax.bar([i + offset for i in x], [result["per_task"].get(t, 0) for t in tasks], width, label=label)
     ax.set_xticks(list(x), tasks, rotation=20)
     ax.set(ylabel="held-out accuracy", ylim=(0, 1), title="Accuracy per task family")
     ax.legend()
@@ -89,26 +93,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", default="tiny", choices=["tiny", "small"], help="model size (scripts/make_tiny.py)")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--rl-iterations", type=int, default=12, help="RL iterations after SFT (0: no RL)")
+    parser.add_argument("--rl-problems", type=int, default=400, help="RL problems (a split of their own)")
+    parser.add_argument("--rl-lr", type=float, default=2e-4)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     torch.manual_seed(args.seed)
 
-    print("1/6 generating data")
+    print("1/7 generating data")
     train_dir = write_dataset(generate(args.train, seed=args.seed), out / "data" / "train")
     test_dir = write_dataset(generate(args.test, seed=args.seed + 1_000_003), out / "data" / "test")
     train, test = load_examples(train_dir), load_examples(test_dir)
 
-    print("2/6 building a tiny model")
+    print("2/7 building a tiny model")
     base = make_tiny(out / "base", seed=args.seed, size=args.size)
     processor = AutoProcessor.from_pretrained(base)
     model = AutoModelForImageTextToText.from_pretrained(base)
 
-    print("3/6 evaluating the untrained model")
+    print("3/7 evaluating the untrained model")
     before = evaluate(model, processor, test.examples)
 
-    print("4/6 long-CoT SFT")
+    print("4/7 long-CoT SFT")
     config = SFTConfig(
         output_dir=str(out / "sft"),
         num_train_epochs=args.epochs,
@@ -130,11 +137,22 @@ def main(argv: list[str] | None = None) -> dict:
     losses = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
     losses = losses or [(trainer.state.global_step, result.training_loss)]  # runs shorter than logging_steps
 
-    print("5/6 evaluating after SFT and saving")
+    print("5/7 evaluating after SFT and saving")
     after = evaluate(trainer.model, processor, test.examples)
-    final = trainer.save_final(out / "final")
+    stages = {"untrained": before, "after SFT": after}
+    final = sft_dir = trainer.save_final(out / "sft_final")
 
-    print("6/6 reloading the saved checkpoint")
+    rl = None
+    if args.rl_iterations:
+        print(f"6/7 RL: {args.rl_iterations} iterations of k1.5 mirror descent with partial rollouts through vLLM")
+        problems = write_dataset(generate(args.rl_problems, seed=args.seed + 7), out / "data" / "rl")
+        rl = reinforce(sft_dir, load_examples(problems).examples, out / "rl", args)
+        stages["after RL"] = evaluate(rl.model, processor, test.examples)
+        final = rl.save_final(out / "final")
+        rl.engine.shutdown()
+        plot_curves(read_metrics(out / "rl" / "metrics.jsonl"), out / "rl_curves.png")
+
+    print("7/7 reloading the saved checkpoint")
     reloaded = AutoModelForImageTextToText.from_pretrained(final).eval()
     reprocessor = AutoProcessor.from_pretrained(final)
     question = test.examples[0]
@@ -146,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
             skip_special_tokens=True,
         )
 
-    plot(out, losses, before, after)
+    plot(out, losses, stages)
     summary = {
         "train_examples": len(dataset),
         "test_examples": len(test.examples),
@@ -155,6 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
         "accuracy_sft": round(after["accuracy"], 3),
         "per_task_untrained": before["per_task"],
         "per_task_sft": after["per_task"],
+        "accuracy_rl": round(stages["after RL"]["accuracy"], 3) if rl else None,
+        "per_task_rl": stages["after RL"]["per_task"] if rl else None,
+        "rl_iterations": args.rl_iterations,
+        "rl_metrics": read_metrics(out / "rl" / "metrics.jsonl") if rl else [],
         "final_loss": losses[-1][1] if losses else None,
         "steps": trainer.state.global_step,
         "weight_files": sorted(p.name for p in final.glob("*.safetensors")),
@@ -165,37 +187,88 @@ def main(argv: list[str] | None = None) -> dict:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_report(out, summary)
+    accuracies = " → ".join(f"{r['accuracy']:.1%} {label}" for label, r in stages.items())
     print(
-        f"demo: held-out accuracy {before['accuracy']:.1%} untrained → {after['accuracy']:.1%} after SFT "
-        f"({len(dataset)} examples, {summary['steps']} steps, {summary['minutes']} min); "
-        f"report {out / 'report.md'}, checkpoint {final}"
+        f"demo: held-out accuracy {accuracies} ({len(dataset)} SFT examples, {summary['steps']} SFT steps, "
+        f"{args.rl_iterations} RL iterations, {summary['minutes']} min); report {out / 'report.md'}, checkpoint {final}"
     )
     return summary
 
 
+def reinforce(sft_dir: Path, problems: list, out: Path, args) -> RLTrainer:
+    """k1.5 RL from the SFT checkpoint: mirror descent with the iteration's policy as reference, accuracy + format
+    rewards, 8 samples per problem, and partial rollouts (96 new tokens per sample per iteration, up to 224 in all,
+    so longer responses are carried over in the replay buffer)."""
+    processor = AutoProcessor.from_pretrained(sft_dir)
+    model = AutoModelForImageTextToText.from_pretrained(sft_dir, dtype=torch.float32)
+    config = RLConfig(
+        model_name_or_path=str(sft_dir),
+        output_dir=str(out),
+        algorithm="mirror_descent",
+        tau=0.1,
+        num_iterations=args.rl_iterations,
+        prompts_per_iteration=16,
+        num_generations=8,
+        steps_per_iteration=2,
+        max_response_length=224,
+        rollout_budget=96,
+        learning_rate=args.rl_lr,
+        max_grad_norm=1.0,
+        reward_funcs=["accuracy", "format"],
+        reward_weights=[1.0, 0.1],
+        save_every=args.rl_iterations,
+        save_total_limit=1,
+        vllm_max_model_len=1024,
+        use_cpu=True,
+        report_to="none",
+        seed=args.seed,
+    )
+    trainer = RLTrainer(model=model, args=config, processing_class=processor, train_dataset=problems)
+    trainer.train()
+    return trainer
+
+
 def write_report(out: Path, s: dict) -> None:
+    rl = s["accuracy_rl"] is not None
     rows = "\n".join(
         f"| {task} | {s['per_task_untrained'].get(task, 0):.1%} | {acc:.1%} |"
+        + (f" {s['per_task_rl'].get(task, 0):.1%} |" if rl else "")
         for task, acc in s["per_task_sft"].items()
     )
+    rl_section = ""
+    if rl:
+        first, last = s["rl_metrics"][0], s["rl_metrics"][-1]
+        carried = sum(m["samples_continued"] for m in s["rl_metrics"])
+        rl_section = f"""
+## RL
+
+{s["rl_iterations"]} iterations of k1.5 online mirror descent from the SFT checkpoint (16 problems x 8 samples per
+iteration, partial rollouts with a 96-token budget per iteration): training reward {first["reward_mean"]:.2f} →
+{last["reward_mean"]:.2f}, training accuracy {first["accuracy"]:.1%} → {last["accuracy"]:.1%}, mean response length
+{first["response_length_mean"]:.0f} → {last["response_length_mean"]:.0f} tokens; {carried} sample segments were
+continued from the replay buffer. Per-iteration numbers: `rl/metrics.jsonl`.
+
+![RL curves](rl_curves.png)
+"""
     (out / "report.md").write_text(f"""# kimi_mm demo report
 
 Tiny kimi_mm model (CPU), long-CoT SFT on {s["train_examples"]} synthetic visual-reasoning examples
-({s["steps"]} steps, final loss {s["final_loss"]:.3f}), evaluated greedily on {s["test_examples"]} held-out examples.
-Total time {s["minutes"]} min.
+({s["steps"]} steps, final loss {s["final_loss"]:.3f}){", then RL" if rl else ""}, evaluated greedily on \
+{s["test_examples"]} held-out examples. Total time {s["minutes"]} min.
 
 | | held-out accuracy |
 |---|---|
 | untrained | {s["accuracy_untrained"]:.1%} |
 | after SFT | {s["accuracy_sft"]:.1%} |
+{f"| after RL | {s['accuracy_rl']:.1%} |" if rl else ""}
 
-| task family | untrained | after SFT |
-|---|---|---|
+| task family | untrained | after SFT |{" after RL |" if rl else ""}
+|---|---|---|{"---|" if rl else ""}
 {rows}
 
 ![loss](loss.png)
 ![accuracy](accuracy.png)
-
+{rl_section}
 Saved checkpoint: {", ".join(s["weight_files"])} + processor, reloaded with `AutoModelForImageTextToText`.
 Question: {s["example_question"]!r} (answer {s["example_answer"]!r}). Reply of the reloaded model:
 

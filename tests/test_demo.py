@@ -8,10 +8,14 @@ from scripts.demo import main
 
 
 @pytest.mark.slow
+@pytest.mark.vllm
 def test_demo_pipeline_writes_report_plots_and_a_reloadable_checkpoint(tmp_path):
-    summary = main(["--out", str(tmp_path), "--train", "24", "--test", "10", "--epochs", "1", "--size", "tiny"])
-    assert (tmp_path / "report.md").read_text().startswith("# kimi_mm demo report")
-    for name in ("loss.png", "accuracy.png"):
+    args = ["--out", str(tmp_path), "--train", "24", "--test", "10", "--epochs", "1", "--size", "tiny"]
+    summary = main([*args, "--rl-iterations", "2", "--rl-problems", "8"])
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# kimi_mm demo report") and "| after RL |" in report and "## RL" in report
+    assert [m["iteration"] for m in summary["rl_metrics"]] == [0, 1] and 0.0 <= summary["accuracy_rl"] <= 1.0
+    for name in ("loss.png", "accuracy.png", "rl_curves.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["weight_files"] == ["model.safetensors"]
     assert summary["train_examples"] == 24 and summary["test_examples"] == 10

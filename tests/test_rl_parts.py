@@ -169,6 +169,9 @@ def test_curriculum_stages():
     assert set(sampler.sample(10, iteration=0)) == {"p0", "p1", "p2", "p3"}
     assert set(sampler.sample(10, iteration=5)) == {"p6", "p7", "p8", "p9"}
     assert set(sampler.sample(10, iteration=5, exclude=["p6"])) == {"p7", "p8", "p9"}
+    assert sampler.sample(10, iteration=5, exclude=["p6", "p7", "p8", "p9"]) == []  # all in flight: nothing new
+    with pytest.raises(ValueError, match="difficulty 9-9"):
+        ProblemSampler(ids, [1] * 10, curriculum=["0:9-9"]).sample(1, iteration=0)
     with pytest.raises(ValueError, match="ITERATION:MIN-MAX"):
         ProblemSampler(ids, [1] * 10, curriculum=["easy"])
     with pytest.raises(ValueError, match="unique"):

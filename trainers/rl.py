@@ -178,8 +178,14 @@ class RLTrainer(Trainer):
         if self.engine is None:
             from trainers.rollout import RolloutEngine
 
+            source = resume or args.model_name_or_path or getattr(self.model, "name_or_path", "")
+            if not source or not Path(source).is_dir():
+                raise ValueError(
+                    "the rollout engine starts from a checkpoint folder: set model_name_or_path (the folder the "
+                    f"model was loaded from), or pass a running engine; got {str(source)!r}"
+                )
             self.engine = RolloutEngine(
-                resume or args.model_name_or_path,
+                source,
                 max_model_len=args.vllm_max_model_len,
                 dtype=args.vllm_dtype,
                 seed=args.seed + self.args.process_index,

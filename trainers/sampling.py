@@ -94,12 +94,9 @@ class ProblemSampler:
         """Up to `n` distinct problem ids for this iteration (fewer if fewer are eligible), never one in `exclude`
         (e.g. problems whose previous group is still being rolled out)."""
         pool = self.eligible(iteration, exclude)
-        if not pool and n:
+        if not pool and n and not self.eligible(iteration):
             stage = self.stage(iteration)
-            raise ValueError(
-                f"no problem to sample at iteration {iteration}"
-                + (f": none has difficulty {stage.low}-{stage.high} outside those in flight" if stage else "")
-            )
+            raise ValueError(f"no problem has difficulty {stage.low}-{stage.high} (curriculum, iteration {iteration})")
         weights = [self.weight(i) for i in pool]
         chosen = []
         for _ in range(min(n, len(pool))):  # weighted sampling without replacement
