@@ -26,16 +26,17 @@ import kimi_mm  # noqa: F401  (Auto classes)
 from data.loaders import load_examples
 from data.records import to_messages
 from data.synthetic import generate, write_dataset
-from data.verify import extract_boxed, is_correct
 from scripts.make_tiny import make_tiny
 from scripts.plot_rl import plot_curves, read_metrics
+from trainers.rewards import accuracy_reward
 from trainers.rl import RLConfig, RLTrainer
 from trainers.sft import ChatSFTDataset, SFTConfig, SFTTrainer
 
 
 @torch.inference_mode()
-def evaluate(model, processor, examples, max_new_tokens: int = 160, batch_size: int = 32) -> dict:
-    """Greedy answers for held-out examples; accuracy overall and per task family."""
+def evaluate(model, processor, examples, max_new_tokens: int = 224, batch_size: int = 32) -> dict:
+    """Greedy answers for held-out examples; accuracy overall and per task family. Scored as the RL reward does:
+    the `\\boxed{}` answer after a closed thinking block (an unfinished thought is no answer)."""
     model.eval()
     correct, per_task = [], defaultdict(list)
     for start in tqdm(range(0, len(examples), batch_size), desc="evaluating", leave=False):
@@ -46,8 +47,9 @@ def evaluate(model, processor, examples, max_new_tokens: int = 160, batch_size: 
         inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         replies = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        for example, reply in zip(batch, replies):
-            ok = is_correct(extract_boxed(reply) or "", example.answer, example.choices)
+        scores = accuracy_reward(None, replies, answer=[e.answer for e in batch], choices=[e.choices for e in batch])
+        for example, score in zip(batch, scores):
+            ok = score == 1.0
             correct.append(ok)
             per_task[example.task].append(ok)
     return {
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     inputs = reprocessor(images=question.images, text=text, return_tensors="pt")
     with torch.inference_mode():
         reply = reprocessor.decode(
-            reloaded.generate(**inputs, max_new_tokens=160, do_sample=False)[0, inputs["input_ids"].shape[1] :],
+            reloaded.generate(**inputs, max_new_tokens=224, do_sample=False)[0, inputs["input_ids"].shape[1] :],
             skip_special_tokens=True,
         )
 
