@@ -173,6 +173,7 @@ class RLTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
         args = self.args
         resume = _find_checkpoint(self.output, resume_from_checkpoint or args.resume or None)
+        frozen = self._frozen_reference(resume is not None)  # the starting model, before any resumed weights are loaded
         if resume is not None:
             _load_weights(self.model, resume)
         if self.engine is None:
@@ -217,7 +218,6 @@ class RLTrainer(Trainer):
         total_steps = args.num_iterations * args.steps_per_iteration
         self.create_optimizer()
         self.create_scheduler(num_training_steps=total_steps, optimizer=self.optimizer)
-        frozen = self._frozen_reference()
         self.model_wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         start = 0
         if resume is not None:
@@ -333,7 +333,7 @@ class RLTrainer(Trainer):
 
     # -- training --------------------------------------------------------------------------------------------
 
-    def _frozen_reference(self):
+    def _frozen_reference(self, resuming: bool = False):
         """A frozen copy of the starting model, when a loss needs it (GRPO's KL, or a fixed mirror-descent ref)."""
         args = self.args
         needed = (args.algorithm == "grpo" and args.beta > 0) or (
@@ -341,7 +341,12 @@ class RLTrainer(Trainer):
         )
         if not needed:
             return None
-        frozen = copy.deepcopy(self.model).eval()
+        if resuming and Path(self.args.model_name_or_path).is_dir():
+            # a resumed run's model already holds trained weights: the reference is the run's starting checkpoint
+            frozen = AutoModelForImageTextToText.from_pretrained(self.args.model_name_or_path, dtype=self.model.dtype)
+            frozen = frozen.to(self.model.device).eval()
+        else:
+            frozen = copy.deepcopy(self.model).eval()
         frozen.requires_grad_(False)
         return frozen
 
