@@ -87,7 +87,7 @@ def test_two_process_torchrun(tiny_dir, problems, tmp_path):
     out = tmp_path / "ddp"
     data = ["--model_name_or_path", str(tiny_dir), "--train_data", str(problems)]
     result = run(
-        [*ARGS, *data, "--num_iterations", "3", "--algorithm", "grpo"],
+        [*ARGS, *data, "--num_iterations", "3", "--algorithm", "grpo", "--beta", "0.04"],
         out,
         launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"),
     )
