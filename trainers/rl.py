@@ -105,7 +105,9 @@ class RLConfig(TrainingArguments):
     resume: str = field(default="", metadata={"help": "'latest' (in output_dir) or a checkpoint dir to resume"})
     vllm_max_model_len: int = field(default=4096, metadata={"help": "engine context length"})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "engine share of the GPU"})
-    vllm_dtype: str = field(default="auto", metadata={"help": "engine dtype"})
+    vllm_dtype: str = field(
+        default="auto", metadata={"help": "engine dtype; auto = the trained model's (vLLM's own auto casts fp32 down)"}
+    )
     lr_scheduler_type: str = field(default="constant", metadata={"help": "learning-rate schedule over all steps"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "unused: RL builds its own batches"})
 
@@ -188,7 +190,7 @@ class RLTrainer(Trainer):
             self.engine = RolloutEngine(
                 source,
                 max_model_len=args.vllm_max_model_len,
-                dtype=args.vllm_dtype,
+                dtype=str(self.model.dtype).removeprefix("torch.") if args.vllm_dtype == "auto" else args.vllm_dtype,
                 seed=args.seed + self.args.process_index,
                 gpu_memory_utilization=args.vllm_gpu_memory_utilization,
                 logprobs_mode="processed_logprobs",
