@@ -19,7 +19,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import kimi_mm  # noqa: F401  (Auto classes)
@@ -28,32 +27,24 @@ from data.records import to_messages
 from data.synthetic import generate, write_dataset
 from scripts.make_tiny import make_tiny
 from scripts.plot_rl import plot_curves, read_metrics
-from trainers.rewards import accuracy_reward
+from scripts.token_efficiency import evaluate_checkpoint
 from trainers.rl import RLConfig, RLTrainer
+from trainers.rollout import RolloutEngine
 from trainers.sft import ChatSFTDataset, SFTConfig, SFTTrainer
 
 
-@torch.inference_mode()
-def evaluate(model, processor, examples, max_new_tokens: int = 224, batch_size: int = 32) -> dict:
-    """Greedy answers for held-out examples; accuracy overall and per task family. Scored as the RL reward does:
-    the `\\boxed{}` answer after a closed thinking block (an unfinished thought is no answer)."""
-    model.eval()
-    correct, per_task = [], defaultdict(list)
-    for start in tqdm(range(0, len(examples), batch_size), desc="evaluating", leave=False):
-        batch = examples[start : start + batch_size]
-        chats = [to_messages(e, with_response=False) for e in batch]
-        texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in chats]
-        images = [[b["image"] for b in c[0]["content"] if b["type"] == "image"] for c in chats]
-        inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        replies = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        scores = accuracy_reward(None, replies, answer=[e.answer for e in batch], choices=[e.choices for e in batch])
-        for example, score in zip(batch, scores):
-            ok = score == 1.0
-            correct.append(ok)
-            per_task[example.task].append(ok)
+def evaluate(engine: RolloutEngine, examples, max_tokens: int = 224) -> dict:
+    """Greedy answers for held-out examples through the rollout engine (whatever weights it serves now); accuracy
+    overall and per task family, and the mean response length. A response counts when it finished, closed its
+    thinking block and its `\\boxed{}` answer after the block is correct (as the RL reward and
+    `scripts/token_efficiency.py` score it)."""
+    result = evaluate_checkpoint(engine, examples, max_tokens=max_tokens)
+    per_task = defaultdict(list)
+    for row in result["examples"]:
+        per_task[row["task"]].append(row["correct"])
     return {
-        "accuracy": sum(correct) / max(len(correct), 1),
+        "accuracy": result["accuracy"],
+        "mean_tokens": result["mean_tokens"],
         "per_task": {task: sum(v) / len(v) for task, v in sorted(per_task.items())},
     }
 
@@ -112,10 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
     print("2/7 building a tiny model")
     base = make_tiny(out / "base", seed=args.seed, size=args.size)
     processor = AutoProcessor.from_pretrained(base)
-    model = AutoModelForImageTextToText.from_pretrained(base)
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
 
-    print("3/7 evaluating the untrained model")
-    before = evaluate(model, processor, test.examples)
+    print("3/7 evaluating the untrained model (through vLLM: one engine serves every stage, new weights are pushed)")
+    engine = RolloutEngine(base, max_model_len=1024, dtype="float32", seed=args.seed)
+    before = evaluate(engine, test.examples)
 
     print("4/7 long-CoT SFT")
     config = SFTConfig(
@@ -140,19 +132,20 @@ def main(argv: list[str] | None = None) -> dict:
     losses = losses or [(trainer.state.global_step, result.training_loss)]  # runs shorter than logging_steps
 
     print("5/7 evaluating after SFT and saving")
-    after = evaluate(trainer.model, processor, test.examples)
-    stages = {"untrained": before, "after SFT": after}
-    final = sft_dir = trainer.save_final(out / "sft_final")
+    final = trainer.save_final(out / "sft_final")
+    engine.update_weights(trainer.model)
+    stages = {"untrained": before, "after SFT": evaluate(engine, test.examples)}
 
     rl = None
     if args.rl_iterations:
         print(f"6/7 RL: {args.rl_iterations} iterations of k1.5 mirror descent with partial rollouts through vLLM")
         problems = write_dataset(generate(args.rl_problems, seed=args.seed + 7), out / "data" / "rl")
-        rl = reinforce(sft_dir, load_examples(problems).examples, out / "rl", args)
-        stages["after RL"] = evaluate(rl.model, processor, test.examples)
+        rl = reinforce(trainer.model, processor, engine, load_examples(problems).examples, out / "rl", args)
+        stages["after RL"] = evaluate(engine, test.examples)  # the engine holds the last push: the RL policy
         final = rl.save_final(out / "final")
-        rl.engine.shutdown()
         plot_curves(read_metrics(out / "rl" / "metrics.jsonl"), out / "rl_curves.png")
+    engine.shutdown()
+    after = stages["after SFT"]
 
     print("7/7 reloading the saved checkpoint")
     reloaded = AutoModelForImageTextToText.from_pretrained(final).eval()
@@ -177,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         "per_task_sft": after["per_task"],
         "accuracy_rl": round(stages["after RL"]["accuracy"], 3) if rl else None,
         "per_task_rl": stages["after RL"]["per_task"] if rl else None,
+        "mean_response_tokens": {label: round(r["mean_tokens"], 1) for label, r in stages.items()},
         "rl_iterations": args.rl_iterations,
         "rl_metrics": read_metrics(out / "rl" / "metrics.jsonl") if rl else [],
         "final_loss": losses[-1][1] if losses else None,
@@ -197,14 +191,11 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def reinforce(sft_dir: Path, problems: list, out: Path, args) -> RLTrainer:
-    """k1.5 RL from the SFT checkpoint: mirror descent with the iteration's policy as reference, accuracy + format
-    rewards, 8 samples per problem, and partial rollouts (96 new tokens per sample per iteration, up to 224 in all,
-    so longer responses are carried over in the replay buffer)."""
-    processor = AutoProcessor.from_pretrained(sft_dir)
-    model = AutoModelForImageTextToText.from_pretrained(sft_dir, dtype=torch.float32)
+def reinforce(model, processor, engine: RolloutEngine, problems: list, out: Path, args) -> RLTrainer:
+    """k1.5 RL from the SFT model, on the running engine: mirror descent with the iteration's policy as reference,
+    accuracy + format rewards, 8 samples per problem, and partial rollouts (128 new tokens per sample per iteration,
+    up to 224 in all, so the longest responses are carried over in the replay buffer)."""
     config = RLConfig(
-        model_name_or_path=str(sft_dir),
         output_dir=str(out),
         algorithm="mirror_descent",
         tau=0.1,
@@ -213,7 +204,7 @@ def reinforce(sft_dir: Path, problems: list, out: Path, args) -> RLTrainer:
         num_generations=8,
         steps_per_iteration=2,
         max_response_length=224,
-        rollout_budget=96,
+        rollout_budget=128,
         learning_rate=args.rl_lr,
         max_grad_norm=1.0,
         reward_funcs=["accuracy", "format"],
@@ -225,7 +216,7 @@ def reinforce(sft_dir: Path, problems: list, out: Path, args) -> RLTrainer:
         report_to="none",
         seed=args.seed,
     )
-    trainer = RLTrainer(model=model, args=config, processing_class=processor, train_dataset=problems)
+    trainer = RLTrainer(model=model, args=config, processing_class=processor, train_dataset=problems, engine=engine)
     trainer.train()
     return trainer
 
@@ -245,7 +236,7 @@ def write_report(out: Path, s: dict) -> None:
 ## RL
 
 {s["rl_iterations"]} iterations of k1.5 online mirror descent from the SFT checkpoint (16 problems x 8 samples per
-iteration, partial rollouts with a 96-token budget per iteration): training reward {first["reward_mean"]:.2f} →
+iteration, partial rollouts with a 128-token budget per iteration): training reward {first["reward_mean"]:.2f} →
 {last["reward_mean"]:.2f}, training accuracy {first["accuracy"]:.1%} → {last["accuracy"]:.1%}, mean response length
 {first["response_length_mean"]:.0f} → {last["response_length_mean"]:.0f} tokens; {carried} sample segments were
 continued from the replay buffer. Per-iteration numbers: `rl/metrics.jsonl`.
