@@ -193,14 +193,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 def reinforce(model, processor, engine: RolloutEngine, problems: list, out: Path, args) -> RLTrainer:
     """k1.5 RL from the SFT model, on the running engine: mirror descent with the iteration's policy as reference,
-    accuracy + format rewards, 8 samples per problem, and partial rollouts (128 new tokens per sample per iteration,
+    accuracy + format rewards, 8 problems x 8 samples per iteration, and partial rollouts (128 new tokens per sample per iteration,
     up to 224 in all, so the longest responses are carried over in the replay buffer)."""
     config = RLConfig(
         output_dir=str(out),
         algorithm="mirror_descent",
         tau=0.1,
         num_iterations=args.rl_iterations,
-        prompts_per_iteration=16,
+        prompts_per_iteration=8,
         num_generations=8,
         steps_per_iteration=2,
         max_response_length=224,
@@ -235,7 +235,7 @@ def write_report(out: Path, s: dict) -> None:
         rl_section = f"""
 ## RL
 
-{s["rl_iterations"]} iterations of k1.5 online mirror descent from the SFT checkpoint (16 problems x 8 samples per
+{s["rl_iterations"]} iterations of k1.5 online mirror descent from the SFT checkpoint (8 problems x 8 samples per
 iteration, partial rollouts with a 128-token budget per iteration): training reward {first["reward_mean"]:.2f} →
 {last["reward_mean"]:.2f}, training accuracy {first["accuracy"]:.1%} → {last["accuracy"]:.1%}, mean response length
 {first["response_length_mean"]:.0f} → {last["response_length_mean"]:.0f} tokens; {carried} sample segments were
