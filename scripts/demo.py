@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def reinforce(model, processor, engine: RolloutEngine, problems: list, out: Path, args) -> RLTrainer:
     """k1.5 RL from the SFT model, on the running engine: mirror descent with the iteration's policy as reference,
-    accuracy + format rewards, 8 problems x 8 samples per iteration, and partial rollouts (128 new tokens per sample per iteration,
-    up to 224 in all, so the longest responses are carried over in the replay buffer)."""
+    accuracy + format rewards, 8 problems x 8 samples per iteration, and partial rollouts (128 new tokens per sample
+    per iteration, up to 224 in all, so the longest responses are carried over in the replay buffer)."""
     config = RLConfig(
         output_dir=str(out),
         algorithm="mirror_descent",
