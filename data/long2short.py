@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from trainers.rewards import THINK_END, accuracy_reward, format_reward
 
 from .loaders import load_examples
-from .records import Example, to_messages
+from .records import Example, read_jsonl, to_messages
 from .synthetic import write_dataset
 
 logger = logging.getLogger(__name__)
@@ -201,18 +201,11 @@ def load_preference_pairs(path: str | Path) -> tuple[list[PreferencePair], int]:
     if not path.is_file():
         raise FileNotFoundError(f"no preference pairs file at {path}")
     responses = {}
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: invalid JSON ({err})") from err
-            record["id"] = str(record.get("id") or f"{path.stem}-{number}")
-            if record["id"] in responses:
-                raise ValueError(f"{path}:{number}: duplicate id {record['id']!r}; give each problem one record")
-            responses[record["id"]] = record
+    for number, record in read_jsonl(path):
+        record["id"] = str(record.get("id") or f"{path.stem}-{number}")
+        if record["id"] in responses:
+            raise ValueError(f"{path}:{number}: duplicate id {record['id']!r}; give each problem one record")
+        responses[record["id"]] = record
     loaded = load_examples(list(responses.values()), image_root=str(path.parent))
     pairs, skipped = [], loaded.skipped
     for example in loaded.examples:

@@ -4,6 +4,7 @@
 produces it, SFT and RL consume it through `to_messages`, and evaluation scores `answer` with `data.verify`.
 """
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
@@ -36,3 +37,18 @@ def to_messages(example: Example, with_response: bool = True) -> list[dict]:
             {"role": "assistant", "reasoning_content": example.reasoning, "content": f"\\boxed{{{example.answer}}}"}
         )
     return messages
+
+
+def read_jsonl(path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed record) for each non-blank line of a JSON-lines file; a bad line raises a ValueError
+    naming the file and line."""
+    import json
+
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: invalid JSON ({err})") from err

@@ -6,19 +6,13 @@ python -m scripts.plot_rl outputs/rl/metrics.jsonl [--out outputs/rl/curves.png]
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from data.records import read_jsonl
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    lines = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            lines.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not a JSON line ({err})") from None
+    lines = [record for _, record in read_jsonl(path)]
     if not lines:
         raise ValueError(f"{path} holds no metrics")
     return lines
