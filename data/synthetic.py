@@ -227,9 +227,9 @@ def render_triangle(scene: TriangleScene, image_size: int) -> Image.Image:
 # --- task families ----------------------------------------------------------------------------------------------
 
 
-def make_count_shapes(rng: random.Random, image_size: int = 112) -> Example:
+def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int | None = None) -> Example:
     """How many <colour> <shape>s: 1-6 of them among distractors (more, and more similar, with difficulty)."""
-    difficulty = rng.randint(1, 5)
+    difficulty = rng.randint(1, 5) if difficulty is None else difficulty
     kind, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
     # Distractors are never the asked kind; from difficulty 4 on they share its colour or its shape.
     others = [
@@ -277,9 +277,9 @@ def make_count_shapes(rng: random.Random, image_size: int = 112) -> Example:
     )
 
 
-def make_digit_arithmetic(rng: random.Random, image_size: int = 112) -> Example:
+def make_digit_arithmetic(rng: random.Random, image_size: int = 112, difficulty: int | None = None) -> Example:
     """Two or three large digits; their sum, difference, product or product-plus-sum, by difficulty."""
-    difficulty = rng.randint(1, 5)
+    difficulty = rng.randint(1, 5) if difficulty is None else difficulty
     count = 2 if difficulty <= 3 else 3
     low = 1 if difficulty in (3, 5) else 0  # no zeros in products
     digits = [rng.randint(low, 9) for _ in range(count)]
@@ -345,10 +345,10 @@ def make_digit_arithmetic(rng: random.Random, image_size: int = 112) -> Example:
     )
 
 
-def make_bar_chart(rng: random.Random, image_size: int = 112) -> Example:
+def make_bar_chart(rng: random.Random, image_size: int = 112, difficulty: int | None = None) -> Example:
     """A bar chart read against its gridlines: the tallest bar (1), a value (2), a difference (3), the mean of two
     bars (4, may be x.5) or the total (5)."""
-    difficulty = rng.randint(1, 5)
+    difficulty = rng.randint(1, 5) if difficulty is None else difficulty
     count = rng.randint(*{1: (3, 3), 2: (3, 4), 3: (3, 5), 4: (3, 5), 5: (4, 5)}[difficulty])
     while True:  # the tallest bar must be unique, and a difference needs two different values
         values = [rng.randint(1, MAX_BAR) for _ in range(count)]
@@ -407,10 +407,10 @@ def make_bar_chart(rng: random.Random, image_size: int = 112) -> Example:
     return _example("bar_chart", question, answer, render_bar_chart(chart, image_size), steps, difficulty)
 
 
-def make_triangle_angle(rng: random.Random, image_size: int = 112) -> Example:
+def make_triangle_angle(rng: random.Random, image_size: int = 112, difficulty: int | None = None) -> Example:
     """A triangle drawn with its true angles, two of them written at their vertices; the third is asked for.
     Difficulty: multiples of 10 (1), of 5 (2), any integers (3), an obtuse multiple of 5 (4), any obtuse (5)."""
-    difficulty = rng.randint(1, 5)
+    difficulty = rng.randint(1, 5) if difficulty is None else difficulty
     while True:
         if difficulty == 1:
             given = [10 * rng.randint(3, 8), 10 * rng.randint(3, 8)]
@@ -451,10 +451,10 @@ def make_triangle_angle(rng: random.Random, image_size: int = 112) -> Example:
     return _example("triangle_angle", problem, third, render_triangle(scene, image_size), steps, difficulty)
 
 
-def make_colour_choice(rng: random.Random, image_size: int = 112) -> Example:
+def make_colour_choice(rng: random.Random, image_size: int = 112, difficulty: int | None = None) -> Example:
     """Multiple choice: the colour of the largest (or, from difficulty 3, smallest) of 2-4 shapes, which differs
     from the runner-up by a side and area ratio that shrinks with difficulty (1.6 down to 1.15)."""
-    difficulty = rng.randint(1, 5)
+    difficulty = rng.randint(1, 5) if difficulty is None else difficulty
     count = {1: 2, 2: 3, 3: 3, 4: 4, 5: 4}[difficulty]
     ratio = {1: 1.6, 2: 1.5, 3: 1.35, 4: 1.25, 5: 1.15}[difficulty]
     largest = difficulty < 3 or rng.random() < 0.5
@@ -496,7 +496,7 @@ def make_colour_choice(rng: random.Random, image_size: int = 112) -> Example:
     return example
 
 
-MAKERS: dict[str, Callable[[random.Random, int], Example]] = {
+MAKERS: dict[str, Callable[[random.Random, int, int | None], Example]] = {
     "count_shapes": make_count_shapes,
     "digit_arithmetic": make_digit_arithmetic,
     "bar_chart": make_bar_chart,
@@ -508,10 +508,19 @@ MAKERS: dict[str, Callable[[random.Random, int], Example]] = {
 # --- datasets ---------------------------------------------------------------------------------------------------
 
 
-def generate(n: int, seed: int, tasks: list[str] | None = None, image_size: int = 112) -> list[Example]:
+def generate(
+    n: int,
+    seed: int,
+    tasks: list[str] | None = None,
+    image_size: int = 112,
+    difficulty_weights: Sequence[float] | None = None,
+) -> list[Example]:
     """`n` examples cycling through `tasks` (all families by default), with in-memory PIL images.
 
-    Example `i` depends only on (seed, i, its task, image_size): the same arguments give the same dataset."""
+    `difficulty_weights` (five relative weights, for difficulties 1..5) skews the mix, e.g. towards easy examples
+    for a small model; by default every family draws its difficulties uniformly.
+    Example `i` depends only on (seed, i, its task, image_size, difficulty_weights): the same arguments give the
+    same dataset."""
     tasks = list(tasks) if tasks else list(TASKS)
     unknown = [task for task in tasks if task not in MAKERS]
     if unknown:
@@ -520,10 +529,16 @@ def generate(n: int, seed: int, tasks: list[str] | None = None, image_size: int 
         raise ValueError(
             f"image_size {image_size} is too small to draw the tasks legibly; use {MIN_IMAGE_SIZE} or more"
         )
+    if difficulty_weights is not None and (
+        len(difficulty_weights) != 5 or min(difficulty_weights) < 0 or not sum(difficulty_weights) > 0
+    ):
+        raise ValueError(f"difficulty_weights needs 5 non-negative weights (difficulty 1..5), got {difficulty_weights}")
     examples = []
     for index in range(n):
         task = tasks[index % len(tasks)]
-        example = MAKERS[task](random.Random(f"{seed}:{index}"), image_size)
+        rng = random.Random(f"{seed}:{index}")
+        difficulty = None if difficulty_weights is None else rng.choices(range(1, 6), difficulty_weights)[0]
+        example = MAKERS[task](rng, image_size, difficulty)
         example.id = f"{task}-{seed}-{index:06d}"
         examples.append(example)
     return examples
@@ -694,9 +709,18 @@ def main(argv: list[str] | None = None) -> Path:
         "--tasks", default="", help=f"comma-separated task families (default: all of {','.join(TASKS)})"
     )
     parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument(
+        "--difficulty-weights",
+        default="",
+        help="five relative weights for difficulties 1..5, e.g. 1,1,0,0,0 for the two easiest (default: uniform)",
+    )
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] or None
-    examples = generate(args.n, args.seed, tasks, args.image_size)
+    try:
+        weights = [float(w) for w in args.difficulty_weights.split(",")] if args.difficulty_weights else None
+    except ValueError:
+        parser.error(f"--difficulty-weights {args.difficulty_weights!r}: expected five comma-separated numbers")
+    examples = generate(args.n, args.seed, tasks, args.image_size, weights)
     out = write_dataset(examples, args.out)
     counts = Counter(example.task for example in examples)
     print(

@@ -30,6 +30,7 @@ from data.synthetic import (
     render_shapes,
     write_dataset,
 )
+from data.synthetic import main as synthetic_main
 from data.verify import extract_boxed, is_correct
 
 from .conftest import ROOT
@@ -284,6 +285,19 @@ def test_reasoning_is_a_checked_chain_of_thought(examples):
 def test_difficulty_covers_1_to_5(examples):
     for task in TASKS:
         assert {e.difficulty for e in examples if e.task == task} == {1, 2, 3, 4, 5}, task
+
+
+def test_difficulty_weights_pick_the_levels_and_answers_still_check():
+    easy = generate(60, seed=3, difficulty_weights=[1, 1, 0, 0, 0])
+    assert {e.difficulty for e in easy} == {1, 2}
+    for example in easy:
+        assert RECOMPUTE[example.task](example) == example.answer, example.id
+    hardest = generate(10, seed=3, tasks=["count_shapes"], difficulty_weights=[0, 0, 0, 0, 1])
+    assert {e.difficulty for e in hardest} == {5}
+    with pytest.raises(ValueError, match="5 non-negative weights"):
+        generate(5, seed=0, difficulty_weights=[1, 1, 0])
+    with pytest.raises(SystemExit):
+        synthetic_main(["--out", "unused", "--n", "1", "--difficulty-weights", "1,x"])
 
 
 def test_to_messages():

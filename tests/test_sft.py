@@ -126,6 +126,33 @@ def test_lora_and_frozen_vision_tower(tiny_dir, processor, dataset, tmp_path):
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
 
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_frozen_vision_tower_and_projector_stay_put(tiny_dir, processor, dataset, tmp_path, use_lora):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
+    vision = {n: p.detach().clone() for n, p in model.named_parameters() if "vision_tower" in n or "projector" in n}
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        use_lora=use_lora,
+        lora_r=4,
+        freeze_vision_tower=True,
+        freeze_projector=True,
+        save_strategy="no",
+        use_cpu=True,
+    )
+    trainer = SFTTrainer(model=model, args=args, processing_class=processor, train_dataset=dataset)
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and not any("vision_tower" in n or "projector" in n for n in trainable)
+    trainer.train()
+    trained = AutoModelForImageTextToText.from_pretrained(trainer.save_final(tmp_path / "final"))
+    after = dict(trained.named_parameters())
+    assert all(torch.equal(after[n], before) for n, before in vision.items())
+    original = dict(AutoModelForImageTextToText.from_pretrained(tiny_dir).named_parameters())
+    assert any(not torch.equal(after[n], original[n]) for n in after if "language_model" in n)  # the LLM did train
+
+
 @pytest.mark.slow
 def test_cli_with_yaml_and_two_processes(tiny_dir, tmp_path):
     data_dir = write_dataset(generate(8, seed=1), tmp_path / "data")

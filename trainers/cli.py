@@ -26,3 +26,15 @@ def parse_config(config_class, argv: list[str] | None = None):
         parser.set_defaults(**(yaml.safe_load(path.read_text()) or {}))
     (config,) = parser.parse_args_into_dataclasses(args=argv)
     return config
+
+
+def freeze_vision(model, tower: bool, projector: bool) -> None:
+    """Keep the vision encoder and/or the projector of a kimi_mm model (or a PEFT wrapper around one) fixed.
+
+    Freezing both is what makes a model whose vision side is still random learn to read images: the random features
+    already separate what the images show, while training them together with a random LLM washes them out (the
+    projector is pulled towards whatever helps the text tokens long before the LLM has learned to look)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = ([base.model.vision_tower] if tower else []) + ([base.model.multi_modal_projector] if projector else [])
+    for module in modules:
+        module.requires_grad_(False)

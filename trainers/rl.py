@@ -100,6 +100,7 @@ class RLConfig(TrainingArguments):
     success_ema: float = field(default=0.5, metadata={"help": "weight of the newest group in the success rate"})
     max_tokens_per_microbatch: int = field(default=8192, metadata={"help": "packed tokens per training forward"})
     freeze_vision_tower: bool = field(default=False, metadata={"help": "keep the vision encoder fixed"})
+    freeze_projector: bool = field(default=False, metadata={"help": "keep the vision-to-text projector fixed"})
     log_completions: int = field(default=2, metadata={"help": "completions per iteration written to samples.jsonl"})
     save_every: int = field(default=1, metadata={"help": "checkpoint every N iterations (and at the end)"})
     resume: str = field(default="", metadata={"help": "'latest' (in output_dir) or a checkpoint dir to resume"})
@@ -150,9 +151,7 @@ class RLTrainer(Trainer):
     to the config's. `engine`: a running `RolloutEngine` serving the same weights (else one is started)."""
 
     def __init__(self, model, args: RLConfig, processing_class, train_dataset, reward_funcs=None, engine=None, **kw):
-        if args.freeze_vision_tower:
-            for param in model.model.vision_tower.parameters():
-                param.requires_grad_(False)
+        cli.freeze_vision(model, args.freeze_vision_tower, args.freeze_projector)
         super().__init__(model=model, args=args, processing_class=processing_class, **kw)
         for callback in (PrinterCallback, ProgressCallback):  # the RL loop draws its own progress bar
             self.remove_callback(callback)

@@ -47,6 +47,10 @@ class SFTConfig(TrainingArguments):
     max_length: int = field(default=2048, metadata={"help": "longest packed row / example in tokens"})
     packing: bool = field(default=True, metadata={"help": "pack a batch's examples into rows (no padding)"})
     freeze_vision_tower: bool = field(default=False, metadata={"help": "keep the vision encoder's weights fixed"})
+    freeze_projector: bool = field(
+        default=False,
+        metadata={"help": "keep the vision-to-text projector fixed (with a random vision side: see README)"},
+    )
     use_lora: bool = field(default=False, metadata={"help": "train LoRA adapters on the LLM's linear layers"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator"})
@@ -87,7 +91,8 @@ AttentionMaskInterface.register(PACKED_ATTENTION, lambda *args, **kwargs: None) 
 
 
 class ChatSFTDataset(Dataset):
-    """Examples (`data.records.Example`) tokenized with the processor's chat template, with assistant-only labels.
+    """Examples (`data.records.Example`, or chat conversations: lists of message dicts ending in an assistant turn)
+    tokenized with the processor's chat template, with assistant-only labels.
 
     Examples longer than `max_length` (an image's tokens are never cut) or whose images fail to decode are skipped
     and counted in `skipped`, by reason in `skip_reasons`."""
@@ -96,17 +101,17 @@ class ChatSFTDataset(Dataset):
         from data.records import to_messages
 
         self.items, self.skip_reasons = [], Counter()
-        for example in tqdm(examples, desc="tokenizing", disable=len(examples) < 64):
+        for index, example in enumerate(tqdm(examples, desc="tokenizing", disable=len(examples) < 64)):
             try:
                 out = processor.apply_chat_template(
-                    to_messages(example, with_response=True),
+                    example if isinstance(example, list) else to_messages(example, with_response=True),
                     tokenize=True,
                     return_dict=True,
                     return_assistant_tokens_mask=True,
                     return_tensors="pt",
                 )
             except ValueError as err:  # an image that passed the loader's check but does not decode
-                logger.warning("skipping example %r: %s", example.id, err)
+                logger.warning("skipping example %r: %s", getattr(example, "id", index), err)
                 self.skip_reasons["bad image"] += 1
                 continue
             input_ids = out["input_ids"][0]
@@ -200,9 +205,7 @@ class SFTTrainer(Trainer):
     """A `Trainer` for kimi_mm SFT: builds the collator from the config; optional frozen vision tower and LoRA."""
 
     def __init__(self, model, args: SFTConfig, processing_class, train_dataset=None, **kwargs):
-        if args.freeze_vision_tower:
-            for param in _base(model).model.vision_tower.parameters():
-                param.requires_grad_(False)
+        cli.freeze_vision(model, args.freeze_vision_tower, args.freeze_projector)
         if args.use_lora:
             from peft import LoraConfig, get_peft_model
 
@@ -213,7 +216,7 @@ class SFTTrainer(Trainer):
                     lora_alpha=args.lora_alpha,
                     lora_dropout=args.lora_dropout,
                     target_modules=LM_LINEAR,
-                    modules_to_save=["multi_modal_projector"],
+                    modules_to_save=[] if args.freeze_projector else ["multi_modal_projector"],
                 ),
             )
         kwargs.setdefault(
@@ -235,10 +238,6 @@ class SFTTrainer(Trainer):
             model.save_pretrained(output_dir)
             self.processing_class.save_pretrained(output_dir)
         return output_dir
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def parse_config(argv: list[str] | None = None) -> SFTConfig:
