@@ -4,7 +4,7 @@
     rollouts through vLLM → evaluate on a held-out split (untrained, after SFT, after RL) → save the final checkpoint
     (safetensors + processor) → reload it with AutoModelForImageTextToText and answer one image question.
 
-    python -m scripts.demo [--out outputs/demo] [--train 1200] [--test 200] [--epochs 4] [--rl-iterations 12]
+    python -m scripts.demo [--out outputs/demo] [--train 1200] [--test 200] [--epochs 12] [--rl-iterations 12]
 
 Writes `OUT/report.md` with the numbers and PNG plots (SFT loss curve, RL curves, accuracy per task family) and
 prints a one-line summary.
@@ -31,6 +31,10 @@ from scripts.token_efficiency import evaluate_checkpoint
 from trainers.rl import RLConfig, RLTrainer
 from trainers.rollout import RolloutEngine
 from trainers.sft import ChatSFTDataset, SFTConfig, SFTTrainer
+
+# The demo's problems: the two easiest levels of every family (levels 3-5 need more than a ~2M-parameter model
+# trained for minutes on a CPU; pass --difficulty-weights 1,1,1,1,1 for all of them).
+DIFFICULTY_WEIGHTS = "1,1,0,0,0"
 
 
 def evaluate(engine: RolloutEngine, examples, max_tokens: int = 224) -> dict:
@@ -82,22 +86,39 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="outputs/demo")
     parser.add_argument("--train", type=int, default=1200, help="training examples")
     parser.add_argument("--test", type=int, default=200, help="held-out examples")
-    parser.add_argument("--epochs", type=float, default=4)
+    parser.add_argument("--epochs", type=float, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", default="tiny", choices=["tiny", "small"], help="model size (scripts/make_tiny.py)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--rl-iterations", type=int, default=12, help="RL iterations after SFT (0: no RL)")
     parser.add_argument("--rl-problems", type=int, default=400, help="RL problems (a split of their own)")
-    parser.add_argument("--rl-lr", type=float, default=2e-4)
+    parser.add_argument("--rl-lr", type=float, default=1e-5)
+    parser.add_argument("--rl-prompts", type=int, default=16, help="RL problems per iteration (x 8 samples each)")
+    parser.add_argument(
+        "--difficulty-weights",
+        default=DIFFICULTY_WEIGHTS,
+        help="relative weights of difficulty levels 1..5 in every split (data.synthetic.generate)",
+    )
+    parser.add_argument(
+        "--train-vision",
+        action="store_true",
+        help="also train the (random) vision encoder and projector; by default they stay fixed, see README",
+    )
     args = parser.parse_args(argv)
+    try:
+        weights = [float(w) for w in args.difficulty_weights.split(",")]
+    except ValueError:
+        parser.error(f"--difficulty-weights {args.difficulty_weights!r}: expected five comma-separated numbers")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     torch.manual_seed(args.seed)
 
     print("1/7 generating data")
-    train_dir = write_dataset(generate(args.train, seed=args.seed), out / "data" / "train")
-    test_dir = write_dataset(generate(args.test, seed=args.seed + 1_000_003), out / "data" / "test")
+    train_dir = write_dataset(generate(args.train, args.seed, difficulty_weights=weights), out / "data" / "train")
+    test_dir = write_dataset(
+        generate(args.test, args.seed + 1_000_003, difficulty_weights=weights), out / "data" / "test"
+    )
     train, test = load_examples(train_dir), load_examples(test_dir)
 
     print("2/7 building a tiny model")
@@ -124,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
         max_length=1024,
         packing=True,
+        freeze_vision_tower=not args.train_vision,
+        freeze_projector=not args.train_vision,
     )
     dataset = ChatSFTDataset(train.examples, processor, config.max_length)
     trainer = SFTTrainer(model=model, args=config, processing_class=processor, train_dataset=dataset)
@@ -139,7 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
     rl = None
     if args.rl_iterations:
         print(f"6/7 RL: {args.rl_iterations} iterations of k1.5 mirror descent with partial rollouts through vLLM")
-        problems = write_dataset(generate(args.rl_problems, seed=args.seed + 7), out / "data" / "rl")
+        problems = write_dataset(
+            generate(args.rl_problems, args.seed + 7, difficulty_weights=weights), out / "data" / "rl"
+        )
         rl = reinforce(trainer.model, processor, engine, load_examples(problems).examples, out / "rl", args)
         stages["after RL"] = evaluate(engine, test.examples)  # the engine holds the last push: the RL policy
         final = rl.save_final(out / "final")
@@ -172,6 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
         "per_task_rl": stages["after RL"]["per_task"] if rl else None,
         "mean_response_tokens": {label: round(r["mean_tokens"], 1) for label, r in stages.items()},
         "rl_iterations": args.rl_iterations,
+        "rl_prompts": args.rl_prompts,
+        "rl_lr": args.rl_lr,
+        "difficulty_weights": weights,
+        "vision_trained": args.train_vision,
         "rl_metrics": read_metrics(out / "rl" / "metrics.jsonl") if rl else [],
         "final_loss": losses[-1][1] if losses else None,
         "steps": trainer.state.global_step,
@@ -193,14 +222,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 def reinforce(model, processor, engine: RolloutEngine, problems: list, out: Path, args) -> RLTrainer:
     """k1.5 RL from the SFT model, on the running engine: mirror descent with the iteration's policy as reference,
-    accuracy + format rewards, 8 problems x 8 samples per iteration, and partial rollouts (128 new tokens per sample
-    per iteration, up to 224 in all, so the longest responses are carried over in the replay buffer)."""
+    accuracy + format rewards, `--rl-prompts` problems x 8 samples per iteration, and partial rollouts (128 new
+    tokens per sample per iteration, up to 224 in all, so the longest responses are carried over in the replay
+    buffer)."""
     config = RLConfig(
         output_dir=str(out),
         algorithm="mirror_descent",
         tau=0.1,
         num_iterations=args.rl_iterations,
-        prompts_per_iteration=8,
+        prompts_per_iteration=args.rl_prompts,
         num_generations=8,
         steps_per_iteration=2,
         max_response_length=224,
@@ -215,6 +245,8 @@ def reinforce(model, processor, engine: RolloutEngine, problems: list, out: Path
         use_cpu=True,
         report_to="none",
         seed=args.seed,
+        freeze_vision_tower=not args.train_vision,
+        freeze_projector=not args.train_vision,
     )
     trainer = RLTrainer(model=model, args=config, processing_class=processor, train_dataset=problems, engine=engine)
     trainer.train()
@@ -235,8 +267,8 @@ def write_report(out: Path, s: dict) -> None:
         rl_section = f"""
 ## RL
 
-{s["rl_iterations"]} iterations of k1.5 online mirror descent from the SFT checkpoint (8 problems x 8 samples per
-iteration, partial rollouts with a 128-token budget per iteration): training reward {first["reward_mean"]:.2f} →
+{s["rl_iterations"]} iterations of k1.5 online mirror descent from the SFT checkpoint ({s["rl_prompts"]} problems x 8 samples
+per iteration, learning rate {s["rl_lr"]:g}, partial rollouts with a 128-token budget per iteration): training reward {first["reward_mean"]:.2f} →
 {last["reward_mean"]:.2f}, training accuracy {first["accuracy"]:.1%} → {last["accuracy"]:.1%}, mean response length
 {first["response_length_mean"]:.0f} → {last["response_length_mean"]:.0f} tokens; {carried} sample segments were
 continued from the replay buffer. Per-iteration numbers: `rl/metrics.jsonl`.
@@ -247,7 +279,9 @@ continued from the replay buffer. Per-iteration numbers: `rl/metrics.jsonl`.
 
 Tiny kimi_mm model (CPU), long-CoT SFT on {s["train_examples"]} synthetic visual-reasoning examples
 ({s["steps"]} steps, final loss {s["final_loss"]:.3f}){", then RL" if rl else ""}, evaluated greedily on \
-{s["test_examples"]} held-out examples. Total time {s["minutes"]} min.
+{s["test_examples"]} held-out examples. Total time {s["minutes"]} min. Difficulty weights (levels 1-5):
+{s["difficulty_weights"]}; the random vision encoder and projector were \
+{"trained" if s["vision_trained"] else "kept fixed (only the language model trained)"}.
 
 | | held-out accuracy |
 |---|---|
