@@ -700,6 +700,19 @@ def _save_png(image, path: Path) -> None:
         )
 
 
+def parse_difficulty_weights(text: str) -> list[float] | None:
+    """`"1,1,0,0,0"` → the `difficulty_weights` of `generate` (None for ""); a ValueError naming `text` otherwise."""
+    if not text:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) != 5 or min(weights) < 0 or not sum(weights) > 0:
+        raise ValueError(f"--difficulty-weights {text!r}: expected five non-negative comma-separated numbers")
+    return weights
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (data.jsonl + images/)")
@@ -717,9 +730,9 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] or None
     try:
-        weights = [float(w) for w in args.difficulty_weights.split(",")] if args.difficulty_weights else None
-    except ValueError:
-        parser.error(f"--difficulty-weights {args.difficulty_weights!r}: expected five comma-separated numbers")
+        weights = parse_difficulty_weights(args.difficulty_weights)
+    except ValueError as err:
+        parser.error(str(err))
     examples = generate(args.n, args.seed, tasks, args.image_size, weights)
     out = write_dataset(examples, args.out)
     counts = Counter(example.task for example in examples)

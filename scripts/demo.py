@@ -24,7 +24,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import kimi_mm  # noqa: F401  (Auto classes)
 from data.loaders import load_examples
 from data.records import to_messages
-from data.synthetic import generate, write_dataset
+from data.synthetic import generate, parse_difficulty_weights, write_dataset
 from scripts.make_tiny import make_tiny
 from scripts.plot_rl import plot_curves, read_metrics
 from scripts.token_efficiency import evaluate_checkpoint
@@ -106,9 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     try:
-        weights = [float(w) for w in args.difficulty_weights.split(",")]
-    except ValueError:
-        parser.error(f"--difficulty-weights {args.difficulty_weights!r}: expected five comma-separated numbers")
+        weights = parse_difficulty_weights(args.difficulty_weights)
+    except ValueError as err:
+        parser.error(str(err))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()

@@ -296,8 +296,9 @@ def test_difficulty_weights_pick_the_levels_and_answers_still_check():
     assert {e.difficulty for e in hardest} == {5}
     with pytest.raises(ValueError, match="5 non-negative weights"):
         generate(5, seed=0, difficulty_weights=[1, 1, 0])
-    with pytest.raises(SystemExit):
-        synthetic_main(["--out", "unused", "--n", "1", "--difficulty-weights", "1,x"])
+    for bad in ("1,x", "1,1", "0,0,0,0,0", "1,1,-1,0,0"):
+        with pytest.raises(SystemExit):
+            synthetic_main(["--out", "unused", "--n", "1", "--difficulty-weights", bad])
 
 
 def test_to_messages():
