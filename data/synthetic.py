@@ -227,9 +227,8 @@ def render_triangle(scene: TriangleScene, image_size: int) -> Image.Image:
 # --- task families ----------------------------------------------------------------------------------------------
 
 
-def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int | None = None) -> Example:
+def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int = 1) -> Example:
     """How many <colour> <shape>s: 1-6 of them among distractors (more, and more similar, with difficulty)."""
-    difficulty = rng.randint(1, 5) if difficulty is None else difficulty
     kind, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
     # Distractors are never the asked kind; from difficulty 4 on they share its colour or its shape.
     others = [
@@ -277,9 +276,8 @@ def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int
     )
 
 
-def make_digit_arithmetic(rng: random.Random, image_size: int = 112, difficulty: int | None = None) -> Example:
+def make_digit_arithmetic(rng: random.Random, image_size: int = 112, difficulty: int = 1) -> Example:
     """Two or three large digits; their sum, difference, product or product-plus-sum, by difficulty."""
-    difficulty = rng.randint(1, 5) if difficulty is None else difficulty
     count = 2 if difficulty <= 3 else 3
     low = 1 if difficulty in (3, 5) else 0  # no zeros in products
     digits = [rng.randint(low, 9) for _ in range(count)]
@@ -345,10 +343,9 @@ def make_digit_arithmetic(rng: random.Random, image_size: int = 112, difficulty:
     )
 
 
-def make_bar_chart(rng: random.Random, image_size: int = 112, difficulty: int | None = None) -> Example:
+def make_bar_chart(rng: random.Random, image_size: int = 112, difficulty: int = 1) -> Example:
     """A bar chart read against its gridlines: the tallest bar (1), a value (2), a difference (3), the mean of two
     bars (4, may be x.5) or the total (5)."""
-    difficulty = rng.randint(1, 5) if difficulty is None else difficulty
     count = rng.randint(*{1: (3, 3), 2: (3, 4), 3: (3, 5), 4: (3, 5), 5: (4, 5)}[difficulty])
     while True:  # the tallest bar must be unique, and a difference needs two different values
         values = [rng.randint(1, MAX_BAR) for _ in range(count)]
@@ -407,10 +404,9 @@ def make_bar_chart(rng: random.Random, image_size: int = 112, difficulty: int | 
     return _example("bar_chart", question, answer, render_bar_chart(chart, image_size), steps, difficulty)
 
 
-def make_triangle_angle(rng: random.Random, image_size: int = 112, difficulty: int | None = None) -> Example:
+def make_triangle_angle(rng: random.Random, image_size: int = 112, difficulty: int = 1) -> Example:
     """A triangle drawn with its true angles, two of them written at their vertices; the third is asked for.
     Difficulty: multiples of 10 (1), of 5 (2), any integers (3), an obtuse multiple of 5 (4), any obtuse (5)."""
-    difficulty = rng.randint(1, 5) if difficulty is None else difficulty
     while True:
         if difficulty == 1:
             given = [10 * rng.randint(3, 8), 10 * rng.randint(3, 8)]
@@ -451,10 +447,9 @@ def make_triangle_angle(rng: random.Random, image_size: int = 112, difficulty: i
     return _example("triangle_angle", problem, third, render_triangle(scene, image_size), steps, difficulty)
 
 
-def make_colour_choice(rng: random.Random, image_size: int = 112, difficulty: int | None = None) -> Example:
+def make_colour_choice(rng: random.Random, image_size: int = 112, difficulty: int = 1) -> Example:
     """Multiple choice: the colour of the largest (or, from difficulty 3, smallest) of 2-4 shapes, which differs
     from the runner-up by a side and area ratio that shrinks with difficulty (1.6 down to 1.15)."""
-    difficulty = rng.randint(1, 5) if difficulty is None else difficulty
     count = {1: 2, 2: 3, 3: 3, 4: 4, 5: 4}[difficulty]
     ratio = {1: 1.6, 2: 1.5, 3: 1.35, 4: 1.25, 5: 1.15}[difficulty]
     largest = difficulty < 3 or rng.random() < 0.5
@@ -496,7 +491,7 @@ def make_colour_choice(rng: random.Random, image_size: int = 112, difficulty: in
     return example
 
 
-MAKERS: dict[str, Callable[[random.Random, int, int | None], Example]] = {
+MAKERS: dict[str, Callable[[random.Random, int, int], Example]] = {
     "count_shapes": make_count_shapes,
     "digit_arithmetic": make_digit_arithmetic,
     "bar_chart": make_bar_chart,
@@ -529,15 +524,16 @@ def generate(
         raise ValueError(
             f"image_size {image_size} is too small to draw the tasks legibly; use {MIN_IMAGE_SIZE} or more"
         )
-    if difficulty_weights is not None and (
-        len(difficulty_weights) != 5 or min(difficulty_weights) < 0 or not sum(difficulty_weights) > 0
-    ):
-        raise ValueError(f"difficulty_weights needs 5 non-negative weights (difficulty 1..5), got {difficulty_weights}")
+    if difficulty_weights is not None:
+        _check_difficulty_weights(difficulty_weights, difficulty_weights)
     examples = []
     for index in range(n):
         task = tasks[index % len(tasks)]
         rng = random.Random(f"{seed}:{index}")
-        difficulty = None if difficulty_weights is None else rng.choices(range(1, 6), difficulty_weights)[0]
+        if difficulty_weights is None:
+            difficulty = rng.randint(1, 5)
+        else:
+            difficulty = rng.choices(range(1, 6), difficulty_weights)[0]
         example = MAKERS[task](rng, image_size, difficulty)
         example.id = f"{task}-{seed}-{index:06d}"
         examples.append(example)
@@ -708,9 +704,13 @@ def parse_difficulty_weights(text: str) -> list[float] | None:
         weights = [float(w) for w in text.split(",")]
     except ValueError:
         weights = []
-    if len(weights) != 5 or min(weights) < 0 or not sum(weights) > 0:
-        raise ValueError(f"--difficulty-weights {text!r}: expected five non-negative comma-separated numbers")
+    _check_difficulty_weights(weights, text)
     return weights
+
+
+def _check_difficulty_weights(weights: Sequence[float], shown) -> None:
+    if len(weights) != 5 or min(weights) < 0 or not sum(weights) > 0:
+        raise ValueError(f"difficulty weights {shown!r}: needs 5 non-negative weights (difficulty 1..5), not all zero")
 
 
 def main(argv: list[str] | None = None) -> Path:
