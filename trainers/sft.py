@@ -91,8 +91,7 @@ AttentionMaskInterface.register(PACKED_ATTENTION, lambda *args, **kwargs: None) 
 
 
 class ChatSFTDataset(Dataset):
-    """Examples (`data.records.Example`, or chat conversations: lists of message dicts ending in an assistant turn)
-    tokenized with the processor's chat template, with assistant-only labels.
+    """Examples (`data.records.Example`) tokenized with the processor's chat template, with assistant-only labels.
 
     Examples longer than `max_length` (an image's tokens are never cut) or whose images fail to decode are skipped
     and counted in `skipped`, by reason in `skip_reasons`."""
@@ -101,17 +100,17 @@ class ChatSFTDataset(Dataset):
         from data.records import to_messages
 
         self.items, self.skip_reasons = [], Counter()
-        for index, example in enumerate(tqdm(examples, desc="tokenizing", disable=len(examples) < 64)):
+        for example in tqdm(examples, desc="tokenizing", disable=len(examples) < 64):
             try:
                 out = processor.apply_chat_template(
-                    example if isinstance(example, list) else to_messages(example, with_response=True),
+                    to_messages(example, with_response=True),
                     tokenize=True,
                     return_dict=True,
                     return_assistant_tokens_mask=True,
                     return_tensors="pt",
                 )
             except ValueError as err:  # an image that passed the loader's check but does not decode
-                logger.warning("skipping example %r: %s", getattr(example, "id", index), err)
+                logger.warning("skipping example %r: %s", example.id, err)
                 self.skip_reasons["bad image"] += 1
                 continue
             input_ids = out["input_ids"][0]
