@@ -136,27 +136,30 @@ class KimiMMVisionAttention(nn.Module):
                 **kwargs,
             )
         else:
-            # One attention call per image: no cross-image attention and no [N, N] mask.
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-            chunks = zip(*(torch.split(t, lengths, dim=2) for t in (query, key, value)))
-            attn_output = torch.cat(
-                [
-                    attention_interface(
-                        self,
-                        q,
-                        k,
-                        v,
-                        attention_mask=None,
-                        scaling=self.scaling,
-                        dropout=dropout,
-                        is_causal=False,
-                        **kwargs,
-                    )[0]
-                    for q, k, v in chunks
-                ],
-                dim=1,
-            )
+            # No cross-image attention and no [N, N] mask: one batched call per run of same-sized images.
+            outputs = []
+            for start, count, length in _same_length_runs(cu_seqlens):
+                q, k, v = (
+                    t[0, :, start : start + count * length].unflatten(1, (count, length)).transpose(0, 1)
+                    for t in (query, key, value)
+                )  # [count, heads, length, head_dim]
+                out, _ = attention_interface(
+                    self, q, k, v, attention_mask=None, scaling=self.scaling, dropout=dropout, is_causal=False, **kwargs
+                )
+                outputs.append(out.reshape(1, count * length, *out.shape[2:]))
+            attn_output = torch.cat(outputs, dim=1)
         return self.out_proj(attn_output.reshape(seq_len, -1))
+
+
+def _same_length_runs(cu_seqlens: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(first patch, number of images, patches per image) for each run of consecutive images of one length."""
+    runs = []
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        if runs and runs[-1][2] == end - start:
+            runs[-1][1] += 1
+        else:
+            runs.append([start, 1, end - start])
+    return [tuple(run) for run in runs]
 
 
 class KimiMMVisionMLP(nn.Module):
