@@ -20,6 +20,9 @@ class Example:
     difficulty: int = 1  # 1 (easiest) .. 5, for curriculum sampling
     choices: list[str] | None = None  # multiple-choice options (the problem text already lists them as "(A) ..")
     id: str = ""
+    # Synthetic data only: what the image shows, as a class index per named slot (`data.synthetic.SCENE_SLOTS`);
+    # `scripts/pretrain_vision.py` trains a vision encoder on it.
+    scene: dict[str, int] | None = None
 
 
 def to_messages(example: Example, with_response: bool = True) -> list[dict]:

@@ -44,6 +44,19 @@ MIN_IMAGE_SIZE = 64
 SLIP_RATE = 0.2  # share of examples whose reasoning corrects a slip
 MAX_BAR = 8  # bar values are 1..MAX_BAR, one gridline per unit
 ROW_NAMES = ("top", "second", "third", "bottom")  # rows of the 4 x 4 layout of count_shapes
+MAX_ANGLE = 180
+# Scene annotations (`Example.scene`): slot name -> number of classes. Class 0 means "nothing there" ("?" for an
+# angle label), except for bar_colour (the COLOURS index); a shape's class is 1 + 4 * SHAPES index + COLOURS index.
+SCENE_SLOTS = {
+    **{f"cell{i}": 13 for i in range(16)},  # count_shapes: the 4 x 4 cells, row by row
+    **{f"quad{i}": 13 for i in range(4)},  # colour_choice: the 2 x 2 cells
+    **{f"quad_rank{i}": 5 for i in range(4)},  # colour_choice: 1 + rank of the cell's shape by area (0: largest)
+    **{f"digit{i}": 11 for i in range(3)},  # digit_arithmetic: 1 + the digits, left to right
+    **{f"bar{i}": MAX_BAR + 1 for i in range(5)},  # bar_chart: the bar values, left to right
+    "bar_colour": 4,
+    **{f"angle_cell{i}": MAX_ANGLE + 1 for i in range(16)},  # triangle_angle: the label centred in each of 4 x 4
+    # cells: its degrees, or 1 for "?"
+}
 
 # A 5x7 block font ("°" is 3x3, drawn at the top): every glyph is drawn as scale x scale squares, so text is crisp at
 # any size and identical on every machine. All digits and letters span the full 7 rows and are 8-connected.
@@ -246,7 +259,9 @@ def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int
     slip = rng.random() < SLIP_RATE
 
     rows = [0, 0, 0, 0]
+    scene = dict.fromkeys((f"cell{i}" for i in range(16)), 0)
     for shape in shapes:
+        scene[f"cell{_cell(shape.x + shape.size / 2, shape.y + shape.size / 2, 4, image_size)}"] = _shape_class(shape)
         if (shape.kind, shape.colour) == (kind, colour):
             rows[int((shape.y + shape.size / 2) // cell)] += 1
     answer = sum(rows)
@@ -273,11 +288,12 @@ def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int
         render_shapes(shapes, image_size),
         steps,
         difficulty,
+        scene,
     )
 
 
 def make_digit_arithmetic(rng: random.Random, image_size: int = 112, difficulty: int = 1) -> Example:
-    """Two or three large digits; their sum, difference, product or product-plus-sum, by difficulty."""
+    """Two or three large digits on one line; their sum, difference, product or product-plus-sum, by difficulty."""
     count = 2 if difficulty <= 3 else 3
     low = 1 if difficulty in (3, 5) else 0  # no zeros in products
     digits = [rng.randint(low, 9) for _ in range(count)]
@@ -285,13 +301,9 @@ def make_digit_arithmetic(rng: random.Random, image_size: int = 112, difficulty:
         digits.sort(reverse=True)  # left minus right stays non-negative
     scale = max(2, image_size // 22)
     slot = image_size // count
+    top = rng.randint(4, image_size - GLYPH_ROWS * scale - 4)  # one line of digits, at a random height
     labels = [
-        Label(
-            str(digit),
-            slot * i + rng.randint(2, slot - text_width(str(digit), scale) - 2),
-            rng.randint(4, image_size - GLYPH_ROWS * scale - 4),
-            scale,
-        )
+        Label(str(digit), slot * i + rng.randint(2, slot - text_width(str(digit), scale) - 2), top, scale)
         for i, digit in enumerate(digits)
     ]
     slip = rng.random() < SLIP_RATE
@@ -333,6 +345,7 @@ def make_digit_arithmetic(rng: random.Random, image_size: int = 112, difficulty:
     else:
         steps.append(f"Working it out, {work}")
     steps.append(f"Let me check: {check}, which is the left digit.")
+    scene = {f"digit{i}": 1 + digits[i] if i < count else 0 for i in range(3)}
     return _example(
         "digit_arithmetic",
         f"The image shows {words} digits. {question}",
@@ -340,6 +353,7 @@ def make_digit_arithmetic(rng: random.Random, image_size: int = 112, difficulty:
         render_labels(labels, image_size),
         steps,
         difficulty,
+        scene,
     )
 
 
@@ -401,7 +415,9 @@ def make_bar_chart(rng: random.Random, image_size: int = 112, difficulty: int = 
     steps.append(f"From left to right the bars read {_join([f'{ch} = {v}' for ch, v in zip(letters, values)])}.")
     steps.append(work)
     steps.append(f"Let me check: {check}.")
-    return _example("bar_chart", question, answer, render_bar_chart(chart, image_size), steps, difficulty)
+    scene = {f"bar{i}": values[i] if i < count else 0 for i in range(5)}
+    scene["bar_colour"] = list(COLOURS).index(chart.colour)
+    return _example("bar_chart", question, answer, render_bar_chart(chart, image_size), steps, difficulty, scene)
 
 
 def make_triangle_angle(rng: random.Random, image_size: int = 112, difficulty: int = 1) -> Example:
@@ -428,7 +444,11 @@ def make_triangle_angle(rng: random.Random, image_size: int = 112, difficulty: i
     scene = _triangle_scene(rng, angles, unknown, image_size)
     slip = rng.random() < SLIP_RATE
 
-    a, b = given
+    cells = [
+        _cell(label.x + text_width(label.text, label.scale) / 2, label.y + GLYPH_ROWS * label.scale / 2, 4, image_size)
+        for label in scene.labels
+    ]
+    a, b = (angles[k] for k in sorted(range(3), key=cells.__getitem__) if k != unknown)  # in reading order
     steps = [
         "Plan: the three angles of a triangle add up to 180 degrees, so subtract the two given angles from 180.",
         f"The two labelled vertices read {a}° and {b}°, and the third vertex is marked with a question mark.",
@@ -444,12 +464,16 @@ def make_triangle_angle(rng: random.Random, image_size: int = 112, difficulty: i
         "Two angles of the triangle are written at their vertices. "
         "What is the angle at the vertex marked '?', in degrees?"
     )
-    return _example("triangle_angle", problem, third, render_triangle(scene, image_size), steps, difficulty)
+    labels = dict.fromkeys((f"angle_cell{i}" for i in range(16)), 0)
+    labels.update({f"angle_cell{cell}": 1 if k == unknown else angles[k] for k, cell in enumerate(cells)})
+    return _example("triangle_angle", problem, third, render_triangle(scene, image_size), steps, difficulty, labels)
 
 
 def make_colour_choice(rng: random.Random, image_size: int = 112, difficulty: int = 1) -> Example:
     """Multiple choice: the colour of the largest (or, from difficulty 3, smallest) of 2-4 shapes, which differs
-    from the runner-up by a side and area ratio that shrinks with difficulty (1.6 down to 1.15)."""
+    from the runner-up by a side and area ratio that shrinks with difficulty (1.6 down to 1.15). The options come
+    in the order of COLOURS at difficulties 1-2 and shuffled from 3 on (matching a colour to a shuffled letter is a
+    step of its own)."""
     count = {1: 2, 2: 3, 3: 3, 4: 4, 5: 4}[difficulty]
     ratio = {1: 1.6, 2: 1.5, 3: 1.35, 4: 1.25, 5: 1.15}[difficulty]
     largest = difficulty < 3 or rng.random() < 0.5
@@ -463,11 +487,18 @@ def make_colour_choice(rng: random.Random, image_size: int = 112, difficulty: in
         pairs = [(first, other) if largest else (other, first) for other in shapes if other != first]
         if all(big.size >= ratio * small.size and shape_area(big) >= ratio * shape_area(small) for big, small in pairs):
             break
-    options = rng.sample(list(COLOURS), len(COLOURS))
+    options = list(COLOURS) if difficulty <= 2 else rng.sample(list(COLOURS), len(COLOURS))
     letter = "ABCD"[options.index(first.colour)]
     slip = rng.random() < SLIP_RATE
 
     by_area = sorted(shapes, key=shape_area, reverse=True)
+    scene = {
+        **dict.fromkeys((f"quad{i}" for i in range(4)), 0),
+        **dict.fromkeys((f"quad_rank{i}" for i in range(4)), 0),
+    }
+    for shape in shapes:
+        quad = _cell(shape.x + shape.size / 2, shape.y + shape.size / 2, 2, image_size)
+        scene[f"quad{quad}"], scene[f"quad_rank{quad}"] = _shape_class(shape), 1 + by_area.index(shape)
     adjectives = {2: ("large", "small"), 3: ("large", "medium", "small"), 4: ("large", "medium", "small", "tiny")}
     size_word = {shape: adjectives[count][by_area.index(shape)] for shape in shapes}
     seen = _join([f"a {size_word[s]} {s.colour} {s.kind}" for s in sorted(shapes, key=lambda s: (s.y // cell, s.x))])
@@ -486,7 +517,7 @@ def make_colour_choice(rng: random.Random, image_size: int = 112, difficulty: in
         f"than every other shape, and {first.colour} is option ({letter})."
     )
     problem = f"What colour is the {which} shape?\n" + "\n".join(f"({'ABCD'[i]}) {c}" for i, c in enumerate(options))
-    example = _example("colour_choice", problem, letter, render_shapes(shapes, image_size), steps, difficulty)
+    example = _example("colour_choice", problem, letter, render_shapes(shapes, image_size), steps, difficulty, scene)
     example.choices = options
     return example
 
@@ -584,9 +615,22 @@ def format_number(value: float) -> str:
 # --- helpers ----------------------------------------------------------------------------------------------------
 
 
-def _example(task: str, problem: str, answer, image: Image.Image, steps: list[str], difficulty: int) -> Example:
+def _example(
+    task: str, problem: str, answer, image: Image.Image, steps: list[str], difficulty: int, scene: dict[str, int]
+) -> Example:
     reasoning = " ".join([*steps, f"So the answer is {answer}."])
-    return Example(problem, str(answer), [image], reasoning, task, difficulty)
+    return Example(problem, str(answer), [image], reasoning, task, difficulty, scene=scene)
+
+
+def _cell(x: float, y: float, grid: int, image_size: int) -> int:
+    """Row-major index of the cell of a grid x grid layout that holds the point (x, y)."""
+    cell = image_size / grid
+    return grid * min(int(y // cell), grid - 1) + min(int(x // cell), grid - 1)
+
+
+def _shape_class(shape: Shape) -> int:
+    """A shape's class in the scene annotations (`SCENE_SLOTS`)."""
+    return 1 + len(COLOURS) * SHAPES.index(shape.kind) + list(COLOURS).index(shape.colour)
 
 
 def _join(items: Sequence) -> str:
@@ -624,7 +668,8 @@ def _place_in_cells(
 def _triangle_scene(rng: random.Random, angles: list[int], unknown: int, image_size: int) -> TriangleScene:
     """A randomly rotated triangle with these angles (degrees, at vertices 0, 1, 2) and a label just outside each
     vertex, scaled as large as fits with its labels; another rotation is tried while the triangle would come out
-    smaller than a third of the image or two labels would come close."""
+    smaller than a third of the image, two labels would come close or two would be centred in one cell of a 4 x 4
+    grid (`SCENE_SLOTS`)."""
     scale = max(1, image_size // 56)
     texts = ["?" if k == unknown else f"{angle}°" for k, angle in enumerate(angles)]
     a, b, c = (math.radians(angle) for angle in angles)
@@ -661,7 +706,13 @@ def _triangle_scene(rng: random.Random, angles: list[int], unknown: int, image_s
         labels = tuple(
             Label(text, round(box[0] + shift_x), round(box[1] + shift_y), scale) for text, box in zip(texts, boxes)
         )
-        if not any(_too_close(p, q, 5 * scale) for i, p in enumerate(labels) for q in labels[i + 1 :]):
+        cells = {
+            _cell(label.x + text_width(label.text, scale) / 2, label.y + GLYPH_ROWS * scale / 2, 4, image_size)
+            for label in labels
+        }
+        if len(cells) == 3 and not any(
+            _too_close(p, q, 5 * scale) for i, p in enumerate(labels) for q in labels[i + 1 :]
+        ):
             return TriangleScene(tuple((x + shift_x, y + shift_y) for x, y in points), colour, labels)
 
 

@@ -22,6 +22,8 @@ from data.synthetic import (
     GLYPH_ROWS,
     GLYPHS,
     GRIDLINE,
+    SCENE_SLOTS,
+    SHAPES,
     TASKS,
     Label,
     Shape,
@@ -248,6 +250,72 @@ def test_answers_recomputed_from_pixels(examples, task):
     assert len(family) == 40
     for example in family:
         assert RECOMPUTE[task](example) == example.answer, example.id
+
+
+def read_scene(example: Example) -> dict:
+    """The scene annotation (`SCENE_SLOTS`) read back from the pixels: shapes by colour, kind and cell; digits, bar
+    values and angle labels left to right."""
+    rgb, size = pixels(example), example.images[0].size[0]
+    if example.task in ("count_shapes", "colour_choice"):
+        grid, prefix = (4, "cell") if example.task == "count_shapes" else (2, "quad")
+        scene, areas = dict.fromkeys((f"{prefix}{i}" for i in range(grid * grid)), 0), {}
+        for c, rgb_colour in enumerate(COLOURS.values()):
+            for top, left, bottom, right, count in components(colour_mask(rgb, rgb_colour)):
+                cell = grid * int((top + bottom + 1) / 2 // (size / grid)) + int(
+                    (left + right + 1) / 2 // (size / grid)
+                )
+                scene[f"{prefix}{cell}"] = 1 + 4 * SHAPES.index(shape_kind(top, left, bottom, right, count)) + c
+                areas[cell] = count
+        if prefix == "quad":
+            ranked = sorted(areas, key=areas.get, reverse=True)
+            scene |= {f"quad_rank{i}": 1 + ranked.index(i) if i in areas else 0 for i in range(4)}
+        return scene
+    if example.task == "digit_arithmetic":
+        digits = [int(char) for _, _, _, char, _ in sorted(read_text(rgb), key=lambda c: c[1])]
+        return {f"digit{i}": 1 + digits[i] if i < len(digits) else 0 for i in range(3)}
+    if example.task == "bar_chart":
+        values = list(read_bars(rgb).values())
+        (colour,) = [c for c, rgb_colour in enumerate(COLOURS.values()) if colour_mask(rgb, rgb_colour).any()]
+        return {f"bar{i}": values[i] if i < len(values) else 0 for i in range(5)} | {"bar_colour": colour}
+    # triangle_angle: each number's label centre (its digits' centre, moved right by half the "°"), approximately
+    cell, found = size / 4, []
+    for (x, y), number in zip(number_centres(rgb), read_numbers(rgb)):
+        near_edge = min(abs(v - cell * round(v / cell)) for v in (x, y)) < 4
+        found.append((number, None if near_edge else 4 * int(y // cell) + int(x // cell)))
+    return {"numbers": found}
+
+
+def number_centres(rgb: np.ndarray) -> list[tuple[float, float]]:
+    """The centre of the text box of each number `read_numbers` finds (with a trailing "°"), in the same order."""
+    boxes, previous = [], None
+    for top, left, right, _, scale in read_text(rgb):
+        if previous and previous[0] == top and left - previous[2] <= 3 * scale + 1:
+            boxes[-1][1] = right
+        else:
+            boxes.append([left, right, top, scale])
+        previous = (top, left, right)
+    return [((left + right) / 2 + 2 * scale, top + GLYPH_ROWS * scale / 2) for left, right, top, scale in boxes]
+
+
+def test_scene_annotations_match_the_pixels(examples):
+    for example in examples:
+        scene = example.scene
+        assert all(0 <= scene[name] < SCENE_SLOTS[name] for name in scene), example.id
+        read = read_scene(example)
+        if example.task == "triangle_angle":  # "?" (1) and the two numbers, each in its cell, in reading order
+            labelled = {int(name[len("angle_cell") :]): value for name, value in scene.items() if value}
+            numbers = read["numbers"]
+            assert sorted(labelled.values()) == [1, *sorted(n for n, _ in numbers)], example.id
+            for number, cell in numbers:
+                assert cell is None or labelled.get(cell) == number, example.id
+            first, second = (value for _, value in sorted(labelled.items()) if value != 1)
+            assert f"read {first}° and {second}°" in example.reasoning
+        elif example.task == "colour_choice" and example.difficulty >= 4:  # sizes can be close: ranks may tie
+            assert {k: v for k, v in read.items() if "rank" not in k} == {
+                k: v for k, v in scene.items() if "rank" not in k
+            }, example.id
+        else:
+            assert read == scene, example.id
 
 
 @pytest.mark.parametrize("task", ["digit_arithmetic", "bar_chart", "triangle_angle"])

@@ -12,7 +12,7 @@ from scripts.demo import main
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_demo_pipeline_writes_report_plots_and_a_reloadable_checkpoint(tmp_path):
-    args = ["--out", str(tmp_path), "--train", "24", "--test", "10", "--epochs", "1", "--size", "tiny"]
+    args = ["--out", str(tmp_path), "--train", "24", "--test", "10", "--epochs", "1", "--vision-steps", "5"]
     summary = main([*args, "--rl-iterations", "2", "--rl-problems", "8", "--rl-prompts", "4"])
     report = (tmp_path / "report.md").read_text()
     assert report.startswith("# kimi_mm demo report") and "| after RL |" in report and "## RL" in report
@@ -30,7 +30,8 @@ def test_demo_pipeline_writes_report_plots_and_a_reloadable_checkpoint(tmp_path)
     }
     assert 0.0 <= summary["accuracy_sft"] <= 1.0 and summary["example_reply"]
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    # The random vision encoder and projector stay fixed through SFT and RL (the demo's default); the LLM trains.
+    assert set(summary["vision_pretraining"]["slot_accuracy_after"]) == set(summary["per_task_sft"])
+    # The (pretrained) vision encoder and projector stay fixed through SFT and RL (the demo's default); the LLM trains.
     base, final = (load_file(tmp_path / d / "model.safetensors") for d in ("base", "final"))
     vision = [k for k in base if "vision_tower" in k or "multi_modal_projector" in k]
     assert vision and all(torch.equal(base[k], final[k]) for k in vision)
