@@ -31,9 +31,9 @@ def parse_config(config_class, argv: list[str] | None = None):
 def freeze_vision(model, tower: bool, projector: bool) -> None:
     """Keep the vision encoder and/or the projector of a kimi_mm model (or a PEFT wrapper around one) fixed.
 
-    Freezing both is what makes a model whose vision side is still random learn to read images: the random features
-    already separate what the images show, while training them together with a random LLM washes them out (the
-    projector is pulled towards whatever helps the text tokens long before the LLM has learned to look)."""
+    Training the vision side together with a random LLM washes its features out (the projector is pulled towards
+    whatever helps the text tokens long before the LLM has learned to look), whether the encoder is random or
+    pretrained (`scripts/pretrain_vision.py`); with both fixed, the LLM learns to read them."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     modules = ([base.model.vision_tower] if tower else []) + ([base.model.multi_modal_projector] if projector else [])
     for module in modules:
