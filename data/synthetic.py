@@ -540,13 +540,14 @@ def generate(
     tasks: list[str] | None = None,
     image_size: int = 112,
     difficulty_weights: Sequence[float] | None = None,
+    start: int = 0,
 ) -> list[Example]:
     """`n` examples cycling through `tasks` (all families by default), with in-memory PIL images.
 
     `difficulty_weights` (five relative weights, for difficulties 1..5) skews the mix, e.g. towards easy examples
     for a small model; by default every family draws its difficulties uniformly.
     Example `i` depends only on (seed, i, its task, image_size, difficulty_weights): the same arguments give the
-    same dataset."""
+    same dataset, and `start` picks up where an earlier call of the same dataset stopped (examples start..start+n-1)."""
     tasks = list(tasks) if tasks else list(TASKS)
     unknown = [task for task in tasks if task not in MAKERS]
     if unknown:
@@ -558,7 +559,7 @@ def generate(
     if difficulty_weights is not None:
         _check_difficulty_weights(difficulty_weights, difficulty_weights)
     examples = []
-    for index in range(n):
+    for index in range(start, start + n):
         task = tasks[index % len(tasks)]
         rng = random.Random(f"{seed}:{index}")
         if difficulty_weights is None:

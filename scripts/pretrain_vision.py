@@ -119,7 +119,6 @@ def pretrain_vision(
     model.train()
     test = generate(held_out, seed + 999_983, image_size=image_size, difficulty_weights=difficulty_weights)
     before = slot_accuracy(model, image_processor, head, test)
-    train = generate(steps * batch_size, seed, tasks, image_size=image_size, difficulty_weights=difficulty_weights)
     optimizer = torch.optim.AdamW([*vision, *head.parameters()], lr=learning_rate, weight_decay=0.0)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -128,7 +127,7 @@ def pretrain_vision(
     )
     loss = torch.tensor(float("nan"))
     for step in tqdm(range(steps), desc="vision pretraining"):
-        batch = train[step * batch_size : (step + 1) * batch_size]
+        batch = generate(batch_size, seed, tasks, image_size, difficulty_weights, start=step * batch_size)
         logits = head(*image_tokens(model, image_processor, [e.images[0] for e in batch]))
         loss = readout_loss(logits, targets(batch, head.names))
         optimizer.zero_grad(set_to_none=True)

@@ -224,6 +224,8 @@ def test_same_seed_same_dataset_other_seed_differs():
     assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(first, again))
     assert [e.answer for e in first] != [e.answer for e in other]
     assert not any(np.array_equal(pixels(a), pixels(b)) for a, b in zip(first, other))
+    rest = generate(6, seed=5, start=9)  # the same dataset, picked up at example 9
+    assert [key(e) for e in rest] == [key(e) for e in first[9:]] and rest[0].scene == first[9].scene
 
 
 def test_tasks_are_balanced_and_ids_unique():
