@@ -45,12 +45,12 @@ SLIP_RATE = 0.2  # share of examples whose reasoning corrects a slip
 MAX_BAR = 8  # bar values are 1..MAX_BAR, one gridline per unit
 ROW_NAMES = ("top", "second", "third", "bottom")  # rows of the 4 x 4 layout of count_shapes
 MAX_ANGLE = 180
-# Scene annotations (`Example.scene`): slot name -> number of classes. Class 0 means "nothing there" ("?" for an
-# angle label), except for bar_colour (the COLOURS index); a shape's class is 1 + 4 * SHAPES index + COLOURS index.
+# Scene annotations (`Example.scene`): slot name -> number of classes. Class 0 means "nothing there", except for
+# bar_colour (the COLOURS index); a shape's class is 1 + 4 * SHAPES index + COLOURS index.
 SCENE_SLOTS = {
     **{f"cell{i}": 13 for i in range(16)},  # count_shapes: the 4 x 4 cells, row by row
     **{f"quad{i}": 13 for i in range(4)},  # colour_choice: the 2 x 2 cells
-    **{f"quad_rank{i}": 5 for i in range(4)},  # colour_choice: 1 + rank of the cell's shape by area (0: largest)
+    **{f"quad_rank{i}": 5 for i in range(4)},  # colour_choice: the cell's shape by area, 1 for the largest
     **{f"digit{i}": 11 for i in range(3)},  # digit_arithmetic: 1 + the digits, left to right
     **{f"bar{i}": MAX_BAR + 1 for i in range(5)},  # bar_chart: the bar values, left to right
     "bar_colour": 4,
@@ -444,10 +444,7 @@ def make_triangle_angle(rng: random.Random, image_size: int = 112, difficulty: i
     scene = _triangle_scene(rng, angles, unknown, image_size)
     slip = rng.random() < SLIP_RATE
 
-    cells = [
-        _cell(label.x + text_width(label.text, label.scale) / 2, label.y + GLYPH_ROWS * label.scale / 2, 4, image_size)
-        for label in scene.labels
-    ]
+    cells = [_label_cell(label, image_size) for label in scene.labels]
     a, b = (angles[k] for k in sorted(range(3), key=cells.__getitem__) if k != unknown)  # in reading order
     steps = [
         "Plan: the three angles of a triangle add up to 180 degrees, so subtract the two given angles from 180.",
@@ -629,6 +626,13 @@ def _cell(x: float, y: float, grid: int, image_size: int) -> int:
     return grid * min(int(y // cell), grid - 1) + min(int(x // cell), grid - 1)
 
 
+def _label_cell(label: Label, image_size: int) -> int:
+    """The cell of the 4 x 4 grid that holds the centre of `label`."""
+    return _cell(
+        label.x + text_width(label.text, label.scale) / 2, label.y + GLYPH_ROWS * label.scale / 2, 4, image_size
+    )
+
+
 def _shape_class(shape: Shape) -> int:
     """A shape's class in the scene annotations (`SCENE_SLOTS`)."""
     return 1 + len(COLOURS) * SHAPES.index(shape.kind) + list(COLOURS).index(shape.colour)
@@ -707,11 +711,7 @@ def _triangle_scene(rng: random.Random, angles: list[int], unknown: int, image_s
         labels = tuple(
             Label(text, round(box[0] + shift_x), round(box[1] + shift_y), scale) for text, box in zip(texts, boxes)
         )
-        cells = {
-            _cell(label.x + text_width(label.text, scale) / 2, label.y + GLYPH_ROWS * scale / 2, 4, image_size)
-            for label in labels
-        }
-        if len(cells) == 3 and not any(
+        if len({_label_cell(label, image_size) for label in labels}) == 3 and not any(
             _too_close(p, q, 5 * scale) for i, p in enumerate(labels) for q in labels[i + 1 :]
         ):
             return TriangleScene(tuple((x + shift_x, y + shift_y) for x, y in points), colour, labels)
