@@ -47,13 +47,14 @@ ROW_NAMES = ("top", "second", "third", "bottom")  # rows of the 4 x 4 layout of 
 MAX_ANGLE = 180
 # Scene annotations (`Example.scene`): slot name -> number of classes. Class 0 means "nothing there", except for
 # bar_colour (the COLOURS index); a shape's class is 1 + 4 * SHAPES index + COLOURS index.
+SHAPE_CLASSES = 1 + len(SHAPES) * len(COLOURS)
 SCENE_SLOTS = {
-    **{f"cell{i}": 13 for i in range(16)},  # count_shapes: the 4 x 4 cells, row by row
-    **{f"quad{i}": 13 for i in range(4)},  # colour_choice: the 2 x 2 cells
+    **{f"cell{i}": SHAPE_CLASSES for i in range(16)},  # count_shapes: the 4 x 4 cells, row by row
+    **{f"quad{i}": SHAPE_CLASSES for i in range(4)},  # colour_choice: the 2 x 2 cells
     **{f"quad_rank{i}": 5 for i in range(4)},  # colour_choice: the cell's shape by area, 1 for the largest
     **{f"digit{i}": 11 for i in range(3)},  # digit_arithmetic: 1 + the digits, left to right
     **{f"bar{i}": MAX_BAR + 1 for i in range(5)},  # bar_chart: the bar values, left to right
-    "bar_colour": 4,
+    "bar_colour": len(COLOURS),
     **{f"angle_cell{i}": MAX_ANGLE + 1 for i in range(16)},  # triangle_angle: the label centred in each of 4 x 4
     # cells: its degrees, or 1 for "?"
 }
@@ -261,9 +262,10 @@ def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int
     rows = [0, 0, 0, 0]
     scene = dict.fromkeys((f"cell{i}" for i in range(16)), 0)
     for shape in shapes:
-        scene[f"cell{_cell(shape.x + shape.size / 2, shape.y + shape.size / 2, 4, image_size)}"] = _shape_class(shape)
+        index = _shape_cell(shape, 4, image_size)
+        scene[f"cell{index}"] = _shape_class(shape)
         if (shape.kind, shape.colour) == (kind, colour):
-            rows[int((shape.y + shape.size / 2) // cell)] += 1
+            rows[index // 4] += 1
     answer = sum(rows)
     name = f"{colour} {kind}s"
     steps = [f"Plan: keep only the {name}, ignoring other colours and other shapes, and count them row by row."]
@@ -494,7 +496,7 @@ def make_colour_choice(rng: random.Random, image_size: int = 112, difficulty: in
         **dict.fromkeys((f"quad_rank{i}" for i in range(4)), 0),
     }
     for shape in shapes:
-        quad = _cell(shape.x + shape.size / 2, shape.y + shape.size / 2, 2, image_size)
+        quad = _shape_cell(shape, 2, image_size)
         scene[f"quad{quad}"], scene[f"quad_rank{quad}"] = _shape_class(shape), 1 + by_area.index(shape)
     adjectives = {2: ("large", "small"), 3: ("large", "medium", "small"), 4: ("large", "medium", "small", "tiny")}
     size_word = {shape: adjectives[count][by_area.index(shape)] for shape in shapes}
@@ -624,6 +626,11 @@ def _cell(x: float, y: float, grid: int, image_size: int) -> int:
     """Row-major index of the cell of a grid x grid layout that holds the point (x, y)."""
     cell = image_size / grid
     return grid * min(int(y // cell), grid - 1) + min(int(x // cell), grid - 1)
+
+
+def _shape_cell(shape: Shape, grid: int, image_size: int) -> int:
+    """The cell of a grid x grid layout that holds the centre of `shape`."""
+    return _cell(shape.x + shape.size / 2, shape.y + shape.size / 2, grid, image_size)
 
 
 def _label_cell(label: Label, image_size: int) -> int:
