@@ -17,7 +17,8 @@ large, high-contrast shapes and digits in four colours and a built-in 5x7 block 
 | colour_choice | colour of the largest or smallest shape, multiple choice | letter |
 
 The reasoning of each example is a plan, the observation, the computation, an explicit "Let me check: ..." and a
-final "So the answer is X."; about 20% of the examples (seeded) also correct a slip along the way.
+final "So the answer is X."; about 20% of the examples (seeded) also correct a slip along the way. With
+`--short-rate R`, a share R of the examples gives the short form instead (observation and computation only).
 """
 
 import argparse
@@ -42,6 +43,9 @@ SHAPES = ("circle", "square", "triangle")
 TASKS = ("count_shapes", "digit_arithmetic", "bar_chart", "triangle_angle", "colour_choice")
 MIN_IMAGE_SIZE = 64
 SLIP_RATE = 0.2  # share of examples whose reasoning corrects a slip
+# The forms of an example: "long" (plan, observation, computation, check, sometimes a slip corrected), "short"
+# (observation and computation) and "text" (no image: the observation is written into the problem).
+FORMS = ("long", "short", "text")
 MAX_BAR = 8  # bar values are 1..MAX_BAR, one gridline per unit
 ROW_NAMES = ("top", "second", "third", "bottom")  # rows of the 4 x 4 layout of count_shapes
 MAX_ANGLE = 180
@@ -241,7 +245,7 @@ def render_triangle(scene: TriangleScene, image_size: int) -> Image.Image:
 # --- task families ----------------------------------------------------------------------------------------------
 
 
-def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int = 1) -> Example:
+def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int = 1, form: str = "long") -> Example:
     """How many <colour> <shape>s: 1-6 of them among distractors (more, and more similar, with difficulty)."""
     kind, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
     # Distractors are never the asked kind; from difficulty 4 on they share its colour or its shape.
@@ -257,7 +261,7 @@ def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int
     cell = image_size / 4
     sizes = [rng.randint(int(cell * 0.5), int(cell) - 6) for _ in items]
     shapes = _place_in_cells(rng, [(k, c, s) for (k, c), s in zip(items, sizes)], 4, image_size)
-    slip = rng.random() < SLIP_RATE
+    slip = rng.random() < SLIP_RATE and form == "long"
 
     rows = [0, 0, 0, 0]
     scene = dict.fromkeys((f"cell{i}" for i in range(16)), 0)
@@ -291,10 +295,13 @@ def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int
         steps,
         difficulty,
         scene,
+        form,
     )
 
 
-def make_digit_arithmetic(rng: random.Random, image_size: int = 112, difficulty: int = 1) -> Example:
+def make_digit_arithmetic(
+    rng: random.Random, image_size: int = 112, difficulty: int = 1, form: str = "long"
+) -> Example:
     """Two or three large digits on one line; their sum, difference, product or product-plus-sum, by difficulty."""
     count = 2 if difficulty <= 3 else 3
     low = 1 if difficulty in (3, 5) else 0  # no zeros in products
@@ -308,7 +315,7 @@ def make_digit_arithmetic(rng: random.Random, image_size: int = 112, difficulty:
         Label(str(digit), slot * i + rng.randint(2, slot - text_width(str(digit), scale) - 2), top, scale)
         for i, digit in enumerate(digits)
     ]
-    slip = rng.random() < SLIP_RATE
+    slip = rng.random() < SLIP_RATE and form == "long"
 
     a, b = digits[0], digits[1]
     if difficulty == 1:
@@ -356,10 +363,11 @@ def make_digit_arithmetic(rng: random.Random, image_size: int = 112, difficulty:
         steps,
         difficulty,
         scene,
+        form,
     )
 
 
-def make_bar_chart(rng: random.Random, image_size: int = 112, difficulty: int = 1) -> Example:
+def make_bar_chart(rng: random.Random, image_size: int = 112, difficulty: int = 1, form: str = "long") -> Example:
     """A bar chart read against its gridlines: the tallest bar (1), a value (2), a difference (3), the mean of two
     bars (4, may be x.5) or the total (5)."""
     count = rng.randint(*{1: (3, 3), 2: (3, 4), 3: (3, 5), 4: (3, 5), 5: (4, 5)}[difficulty])
@@ -369,7 +377,7 @@ def make_bar_chart(rng: random.Random, image_size: int = 112, difficulty: int = 
             break
     chart = BarChart(tuple(values), rng.choice(list(COLOURS)))
     letters = [_bar_letter(i) for i in range(count)]
-    slip = rng.random() < SLIP_RATE
+    slip = rng.random() < SLIP_RATE and form == "long"
 
     if difficulty == 1:
         top = values.index(max(values))
@@ -419,10 +427,10 @@ def make_bar_chart(rng: random.Random, image_size: int = 112, difficulty: int = 
     steps.append(f"Let me check: {check}.")
     scene = {f"bar{i}": values[i] if i < count else 0 for i in range(5)}
     scene["bar_colour"] = list(COLOURS).index(chart.colour)
-    return _example("bar_chart", question, answer, render_bar_chart(chart, image_size), steps, difficulty, scene)
+    return _example("bar_chart", question, answer, render_bar_chart(chart, image_size), steps, difficulty, scene, form)
 
 
-def make_triangle_angle(rng: random.Random, image_size: int = 112, difficulty: int = 1) -> Example:
+def make_triangle_angle(rng: random.Random, image_size: int = 112, difficulty: int = 1, form: str = "long") -> Example:
     """A triangle drawn with its true angles, two of them written at their vertices; the third is asked for.
     Difficulty: multiples of 10 (1), of 5 (2), any integers (3), an obtuse multiple of 5 (4), any obtuse (5)."""
     while True:
@@ -444,7 +452,7 @@ def make_triangle_angle(rng: random.Random, image_size: int = 112, difficulty: i
     angles = list(given)
     angles.insert(unknown, third)
     scene = _triangle_scene(rng, angles, unknown, image_size)
-    slip = rng.random() < SLIP_RATE
+    slip = rng.random() < SLIP_RATE and form == "long"
 
     cells = [_label_cell(label, image_size) for label in scene.labels]
     a, b = (angles[k] for k in sorted(range(3), key=cells.__getitem__) if k != unknown)  # in reading order
@@ -465,10 +473,12 @@ def make_triangle_angle(rng: random.Random, image_size: int = 112, difficulty: i
     )
     labels = dict.fromkeys((f"angle_cell{i}" for i in range(16)), 0)
     labels.update({f"angle_cell{cell}": 1 if k == unknown else angles[k] for k, cell in enumerate(cells)})
-    return _example("triangle_angle", problem, third, render_triangle(scene, image_size), steps, difficulty, labels)
+    return _example(
+        "triangle_angle", problem, third, render_triangle(scene, image_size), steps, difficulty, labels, form
+    )
 
 
-def make_colour_choice(rng: random.Random, image_size: int = 112, difficulty: int = 1) -> Example:
+def make_colour_choice(rng: random.Random, image_size: int = 112, difficulty: int = 1, form: str = "long") -> Example:
     """Multiple choice: the colour of the largest (or, from difficulty 3, smallest) of 2-4 shapes, which differs
     from the runner-up by a side and area ratio that shrinks with difficulty (1.6 down to 1.15). The options come
     in the order of COLOURS at difficulties 1-2 and shuffled from 3 on (matching a colour to a shuffled letter is a
@@ -488,7 +498,7 @@ def make_colour_choice(rng: random.Random, image_size: int = 112, difficulty: in
             break
     options = list(COLOURS) if difficulty <= 2 else rng.sample(list(COLOURS), len(COLOURS))
     letter = "ABCD"[options.index(first.colour)]
-    slip = rng.random() < SLIP_RATE
+    slip = rng.random() < SLIP_RATE and form == "long"
 
     by_area = sorted(shapes, key=shape_area, reverse=True)
     scene = {
@@ -516,12 +526,14 @@ def make_colour_choice(rng: random.Random, image_size: int = 112, difficulty: in
         f"than every other shape, and {first.colour} is option ({letter})."
     )
     problem = f"What colour is the {which} shape?\n" + "\n".join(f"({'ABCD'[i]}) {c}" for i, c in enumerate(options))
-    example = _example("colour_choice", problem, letter, render_shapes(shapes, image_size), steps, difficulty, scene)
+    example = _example(
+        "colour_choice", problem, letter, render_shapes(shapes, image_size), steps, difficulty, scene, form
+    )
     example.choices = options
     return example
 
 
-MAKERS: dict[str, Callable[[random.Random, int, int], Example]] = {
+MAKERS: dict[str, Callable[[random.Random, int, int, str], Example]] = {
     "count_shapes": make_count_shapes,
     "digit_arithmetic": make_digit_arithmetic,
     "bar_chart": make_bar_chart,
@@ -540,13 +552,21 @@ def generate(
     image_size: int = 112,
     difficulty_weights: Sequence[float] | None = None,
     start: int = 0,
+    short_rate: float = 0.0,
+    form: str = "long",
 ) -> list[Example]:
     """`n` examples cycling through `tasks` (all families by default), with in-memory PIL images.
 
     `difficulty_weights` (five relative weights, for difficulties 1..5) skews the mix, e.g. towards easy examples
     for a small model; by default every family draws its difficulties uniformly.
     Example `i` depends only on (seed, i, its task, image_size, difficulty_weights): the same arguments give the
-    same dataset, and `start` picks up where an earlier call of the same dataset stopped (examples start..start+n-1)."""
+    same dataset, and `start` picks up where an earlier call of the same dataset stopped (examples start..start+n-1).
+    `short_rate` is the share of examples (seeded, drawn apart from the scene) whose reasoning takes the short form:
+    observation and computation only, no plan, no check, no slip. Long-CoT SFT data with some short examples makes a
+    model whose samples vary in length, which long2short then selects from (`data.long2short`); 0 by default.
+    `form="text"` gives text-only twins of the problems (see `FORMS`): the scene is described in the problem, and the
+    reasoning is the rest of the short form (the computation: sums, differences, look-ups). Mixed into SFT data they
+    teach a small language model those steps apart from reading the image, as language pretraining would."""
     tasks = list(tasks) if tasks else list(TASKS)
     unknown = [task for task in tasks if task not in MAKERS]
     if unknown:
@@ -557,6 +577,10 @@ def generate(
         )
     if difficulty_weights is not None:
         _check_difficulty_weights(difficulty_weights, difficulty_weights)
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; the forms are {FORMS}")
+    if not 0 <= short_rate <= 1:
+        raise ValueError(f"short_rate is a share of the examples, between 0 and 1; got {short_rate}")
     examples = []
     for index in range(start, start + n):
         task = tasks[index % len(tasks)]
@@ -565,8 +589,9 @@ def generate(
             difficulty = rng.randint(1, 5)
         else:
             difficulty = rng.choices(range(1, 6), difficulty_weights)[0]
-        example = MAKERS[task](rng, image_size, difficulty)
-        example.id = f"{task}-{seed}-{index:06d}"
+        short = short_rate > 0 and random.Random(f"{seed}:{index}:short").random() < short_rate
+        example = MAKERS[task](rng, image_size, difficulty, "short" if short else form)
+        example.id = f"{task}-{'text-' if form == 'text' else ''}{seed}-{index:06d}"
         examples.append(example)
     return examples
 
@@ -616,9 +641,23 @@ def format_number(value: float) -> str:
 
 
 def _example(
-    task: str, problem: str, answer, image: Image.Image, steps: list[str], difficulty: int, scene: dict[str, int]
+    task: str,
+    problem: str,
+    answer,
+    image: Image.Image,
+    steps: list[str],
+    difficulty: int,
+    scene: dict[str, int],
+    form: str = "long",
 ) -> Example:
-    reasoning = " ".join([*steps, f"So the answer is {answer}."])
+    """The example in one of the `FORMS`, from `steps`: the plan first, then the observation (what the image shows),
+    the computation, and the check last. Every reasoning ends with "So the answer is X."."""
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; the forms are {FORMS}")
+    if form == "text":  # the observation moves into the problem, the image goes
+        reasoning = " ".join([*steps[2:-1], f"So the answer is {answer}."])
+        return Example(f"{steps[1]} {problem}", str(answer), [], reasoning, task, difficulty)
+    reasoning = " ".join([*(steps if form == "long" else steps[1:-1]), f"So the answer is {answer}."])
     return Example(problem, str(answer), [image], reasoning, task, difficulty, scene=scene)
 
 
@@ -786,13 +825,19 @@ def main(argv: list[str] | None = None) -> Path:
         default="",
         help="five relative weights for difficulties 1..5, e.g. 1,1,0,0,0 for the two easiest (default: uniform)",
     )
+    parser.add_argument(
+        "--short-rate", type=float, default=0.0, help="share of examples with short-form reasoning (default: 0)"
+    )
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] or None
     try:
         weights = parse_difficulty_weights(args.difficulty_weights)
     except ValueError as err:
         parser.error(str(err))
-    examples = generate(args.n, args.seed, tasks, args.image_size, weights)
+    try:
+        examples = generate(args.n, args.seed, tasks, args.image_size, weights, short_rate=args.short_rate)
+    except ValueError as err:
+        parser.error(str(err))
     out = write_dataset(examples, args.out)
     counts = Counter(example.task for example in examples)
     print(

@@ -352,6 +352,39 @@ def test_reasoning_is_a_checked_chain_of_thought(examples):
         assert any(family) and not all(family), task
 
 
+def test_short_rate_gives_short_form_reasoning_on_the_same_problems():
+    long, mixed = generate(100, seed=4), generate(100, seed=4, short_rate=0.3)
+    short = {m.id: m.task for m in mixed if not m.reasoning.startswith("Plan:")}
+    assert 0.15 <= len(short) / len(mixed) <= 0.45 and set(short.values()) == set(TASKS)
+    for a, b in zip(long, mixed):  # the same problems, scenes and answers; only the reasoning's form differs
+        assert (a.problem, a.answer, a.scene) == (b.problem, b.answer, b.scene)
+        assert np.array_equal(pixels(a), pixels(b))
+        if b.id in short:
+            assert "Let me check:" not in b.reasoning and "first" not in b.reasoning  # no check, no slip
+            assert b.reasoning.endswith(f"So the answer is {b.answer}.")
+            assert len(b.reasoning.split()) < 0.75 * len(a.reasoning.split()), b.id
+        else:
+            assert b.reasoning == a.reasoning
+    assert all(not e.reasoning.startswith("Plan:") for e in generate(10, seed=4, short_rate=1.0))
+    with pytest.raises(ValueError, match="short_rate"):
+        generate(1, seed=0, short_rate=1.5)
+    with pytest.raises(ValueError, match="unknown form 'brief'"):
+        generate(1, seed=0, form="brief")
+    with pytest.raises(SystemExit):
+        synthetic_main(["--out", "unused", "--n", "1", "--short-rate", "-0.1"])
+
+
+def test_text_form_writes_the_observation_into_the_problem():
+    visual, texts = generate(10, seed=4, short_rate=1.0), generate(10, seed=4, form="text")
+    for short, text in zip(visual, texts):
+        assert text.images == [] and text.scene is None and text.answer == short.answer and "-text-" in text.id
+        # The short form is observation + computation; the observation moves into the problem.
+        assert short.reasoning.endswith(" " + text.reasoning)
+        observation = short.reasoning[: -len(text.reasoning)].strip()
+        assert observation and text.problem == f"{observation} {short.problem}"
+        assert text.answer == RECOMPUTE[short.task](short)  # the visual twin's answer, read back from its pixels
+
+
 def test_difficulty_covers_1_to_5(examples):
     for task in TASKS:
         assert {e.difficulty for e in examples if e.task == task} == {1, 2, 3, 4, 5}, task
