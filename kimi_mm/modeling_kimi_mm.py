@@ -429,8 +429,14 @@ class KimiMMForConditionalGeneration(KimiMMPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        logits_for_labels_only: bool = False,
         **kwargs,
     ) -> KimiMMCausalLMOutputWithPast:
+        """`logits_for_labels_only=True` (with `labels`): the LM head runs only where a next-token label is set
+        (assistant tokens in SFT), which saves its time and memory on prompt, image and padding positions. The
+        loss is the same as the default's; `logits` is then None."""
+        if logits_for_labels_only and labels is None:
+            raise ValueError("logits_for_labels_only=True needs labels")
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -442,10 +448,17 @@ class KimiMMForConditionalGeneration(KimiMMPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
-        loss = None
-        if labels is not None:
+        loss = logits = None
+        if logits_for_labels_only:
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t + 1
+            keep = targets != -100
+            total = F.cross_entropy(self.lm_head(hidden_states[keep]).float(), targets[keep], reduction="sum")
+            count = kwargs.get("num_items_in_batch")  # the Trainer's count across gradient-accumulation steps
+            loss = total / (count if count is not None else keep.sum().clamp(min=1))
+        else:
+            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, slice_indices, :])
+        if labels is not None and loss is None:
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )

@@ -82,6 +82,35 @@ def test_packed_and_padded_batches_give_the_same_loss_and_logits(dataset, proces
         start += n
 
 
+def test_logits_for_labels_only_gives_the_same_loss_and_gradients(dataset, processor, tiny_model):
+    """The SFT trainer's loss path runs the LM head on labelled positions only; loss and gradients must not change."""
+    batch = MultimodalCollator(processor.tokenizer.pad_token_id, max_length=4096, packing=False)(
+        [dataset[i] for i in range(3)]
+    )
+    results = []
+    for flag in (False, True):
+        tiny_model.zero_grad()
+        out = tiny_model(**batch, logits_for_labels_only=flag)
+        out.loss.backward()
+        results.append((out.loss.detach(), [p.grad.clone() for p in tiny_model.parameters() if p.grad is not None]))
+        assert (out.logits is None) == flag
+    tiny_model.zero_grad()
+    (full, full_grads), (only, only_grads) = results
+    torch.testing.assert_close(only, full, atol=1e-6, rtol=1e-6)
+    assert len(full_grads) == len(only_grads) > 0
+    for a, b in zip(full_grads, only_grads):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    # The Trainer's count of label tokens across accumulation steps divides the summed loss, as the default does.
+    count = torch.tensor(1000)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            tiny_model(**batch, logits_for_labels_only=True, num_items_in_batch=count).loss,
+            tiny_model(**batch, num_items_in_batch=count).loss,
+        )
+    with pytest.raises(ValueError, match="needs labels"):
+        tiny_model(input_ids=batch["input_ids"], logits_for_labels_only=True)
+
+
 def test_short_sft_run_lowers_the_loss(tiny_dir, processor, dataset, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
     args = SFTConfig(

@@ -225,6 +225,13 @@ class SFTTrainer(Trainer):
             model=model, args=args, processing_class=processing_class, train_dataset=train_dataset, **kwargs
         )
 
+    def compute_loss(self, model, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
+        """The Trainer's loss, with the LM head run only on labelled positions in training (the same loss; no logits
+        over prompt, image and padding tokens). Evaluation, which may want the logits, takes the full path."""
+        if not return_outputs:
+            inputs = {**inputs, "logits_for_labels_only": True}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
     def save_final(self, output_dir: str | None = None) -> Path:
         """Save a standalone checkpoint (LoRA merged in) + processor: what vLLM and `from_pretrained` load."""
         output_dir = Path(output_dir or self.args.output_dir)
