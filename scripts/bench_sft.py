@@ -42,7 +42,7 @@ def run_mode(checkpoint: str, packing: bool, batch: int, steps: int, max_length:
     real_tokens = sum(len(item["input_ids"]) for item in items)
 
     def step():
-        loss = model(**inputs).loss
+        loss = model(**inputs, logits_for_labels_only=True).loss  # as SFTTrainer does in training
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
