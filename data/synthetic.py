@@ -18,7 +18,8 @@ large, high-contrast shapes and digits in four colours and a built-in 5x7 block 
 
 The reasoning of each example is a plan, the observation, the computation, an explicit "Let me check: ..." and a
 final "So the answer is X."; about 20% of the examples (seeded) also correct a slip along the way. With
-`--short-rate R`, a share R of the examples gives the short form instead (observation and computation only).
+`--short-rate R`, a share R of the examples gives the short form instead (observation and computation only);
+`generate(..., form="text")` gives text-only twins (the observation written into the problem, no image).
 """
 
 import argparse
