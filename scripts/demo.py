@@ -3,9 +3,9 @@
     generate verifiable visual-reasoning data → build a tiny kimi_mm model and pretrain its vision encoder on the
     generator's scene annotations (scripts/pretrain_vision.py; it stands in for the pretrained encoder a real model
     starts from) → long-CoT SFT of the language model → k1.5 RL with partial rollouts through vLLM → evaluate on a
-    held-out split (untrained, after SFT, after RL) → long2short: shortest rejection sampling from the RL policy and a
-    short SFT on what it kept, evaluated the same way → save the checkpoints (safetensors + processor) → reload the
-    final one with AutoModelForImageTextToText and answer one image question.
+    held-out split (untrained, after SFT, after RL) → long2short: shortest rejection sampling from the RL policy, SFT
+    on what it kept, then RL with the length penalty, evaluated the same way → save the checkpoints (safetensors +
+    processor) → reload the final one with AutoModelForImageTextToText and answer one image question.
 
     python -m scripts.demo [--out outputs/demo] [--train 1200] [--test 200] [--epochs 12] [--vision-steps 800]
                            [--rl-iterations 12] [--long2short-epochs 4] [--long2short-iterations 6]
@@ -49,8 +49,8 @@ SHORT_RATE = 0.3
 
 def evaluate(engine: RolloutEngine, examples, max_tokens: int = 224) -> dict:
     """Greedy answers for held-out examples through the rollout engine (whatever weights it serves now); accuracy
-    overall and per task family, the mean response length and the per-example results. A response counts when it finished, closed its
-    thinking block and its `\\boxed{}` answer after the block is correct (as the RL reward and
+    overall and per task family, the mean response length and the per-example results. A response counts when it
+    finished, closed its thinking block and its `\\boxed{}` answer after the block is correct (as the RL reward and
     `scripts/token_efficiency.py` score it)."""
     result = evaluate_checkpoint(engine, examples, max_tokens=max_tokens)
     per_task = defaultdict(list)
@@ -271,7 +271,6 @@ def shorten(model, processor, engine: RolloutEngine, problems, test, out: Path, 
         last, _ = fine_tune(
             model, processor, kept, out / "long2short_sft", args.long2short_epochs, args.long2short_lr, args
         )
-        last.save_final(out / "long2short_final")  # also restores the generation kernel for RL
         engine.update_weights(last.model)
         stages["rejection SFT"] = evaluate(engine, test)
     elif args.long2short_epochs:
@@ -292,6 +291,7 @@ def shorten(model, processor, engine: RolloutEngine, problems, test, out: Path, 
             rollout_budget=0,
         )
         stages["long2short RL"] = evaluate(engine, test)
+    if last:
         last.save_final(out / "long2short_final")
     return stats
 
@@ -390,8 +390,8 @@ From the model {long} (k1.5 §2.4): shortest rejection sampling, 8 samples per p
 problems with the shortest correct one kept ({sampling["kept"]} kept, {sampling["no_correct"]} with no correct sample;
 mean tokens of the correct samples {sampling["mean_tokens_correct"]:.1f}, of the kept ones {sampling["mean_tokens_kept"]:.1f}),
 {s["long2short_epochs"]:g} epochs of SFT on them, then {s["long2short_iterations"]} iterations of RL with the k1.5 length
-penalty from the first iteration and the maximum rollout length cut from 224 to 112 tokens. {s["short_rate"]:.0%} of the long-CoT SFT examples had short-form reasoning, so the
-model's samples vary in length. Held-out ({short}): accuracy {stages[long]["accuracy"]:.1%} → {stages[short]["accuracy"]:.1%},
+penalty from the first iteration and the maximum rollout length cut from 224 to 112 tokens. {s["short_rate"]:.0%} of the
+long-CoT SFT examples had short-form reasoning, so the model's samples vary in length. Held-out ({short}): accuracy {stages[long]["accuracy"]:.1%} → {stages[short]["accuracy"]:.1%},
 mean response tokens {stages[long]["mean_tokens"]:.1f} → {stages[short]["mean_tokens"]:.1f} ({change:+.0%}). Checkpoint:
 `long2short_final`.
 
