@@ -25,19 +25,24 @@ class Example:
     scene: dict[str, int] | None = None
 
 
-def to_messages(example: Example, with_response: bool = True) -> list[dict]:
+def to_messages(example: Example, with_response: bool = True, with_answer: bool = True) -> list[dict]:
     """The example as chat messages for `processor.apply_chat_template`.
 
     User turn: one {"type": "image", "image": img} block per image, then {"type": "text", "text": problem}.
     If with_response: an assistant turn {"role": "assistant", "reasoning_content": example.reasoning,
     "content": f"\\boxed{{{example.answer}}}"}; the chat template renders the reasoning inside the thinking block.
+    With `with_answer=False` the assistant turn is the reasoning alone (empty content: image-description data).
     """
     content = [{"type": "image", "image": image} for image in example.images]
     content.append({"type": "text", "text": example.problem})
     messages = [{"role": "user", "content": content}]
     if with_response:
         messages.append(
-            {"role": "assistant", "reasoning_content": example.reasoning, "content": f"\\boxed{{{example.answer}}}"}
+            {
+                "role": "assistant",
+                "reasoning_content": example.reasoning,
+                "content": f"\\boxed{{{example.answer}}}" if with_answer else "",
+            }
         )
     return messages
 

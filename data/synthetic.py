@@ -19,7 +19,9 @@ large, high-contrast shapes and digits in four colours and a built-in 5x7 block 
 The reasoning of each example is a plan, the observation, the computation, an explicit "Let me check: ..." and a
 final "So the answer is X."; about 20% of the examples (seeded) also correct a slip along the way. With
 `--short-rate R`, a share R of the examples gives the short form instead (observation and computation only);
-`generate(..., form="text")` gives text-only twins (the observation written into the problem, no image).
+`generate(..., form="text")` gives text-only twins (the observation written into the problem, no image), and
+`form="observe"` the observation alone as the reasoning (image-description data: `scripts/pretrain_vision.py` aligns
+the language model to the image tokens with it before SFT).
 """
 
 import argparse
@@ -46,7 +48,7 @@ MIN_IMAGE_SIZE = 64
 SLIP_RATE = 0.2  # share of examples whose reasoning corrects a slip
 # The forms of an example: "long" (plan, observation, computation, check, sometimes a slip corrected), "short"
 # (observation and computation) and "text" (no image: the observation is written into the problem).
-FORMS = ("long", "short", "text")
+FORMS = ("long", "short", "text", "observe")
 MAX_BAR = 8  # bar values are 1..MAX_BAR, one gridline per unit
 ROW_NAMES = ("top", "second", "third", "bottom")  # rows of the 4 x 4 layout of count_shapes
 MAX_ANGLE = 180
@@ -567,7 +569,9 @@ def generate(
     model whose samples vary in length, which long2short then selects from (`data.long2short`); 0 by default.
     `form="text"` gives text-only twins of the problems (see `FORMS`): the scene is described in the problem, and the
     reasoning is the rest of the short form (the computation: sums, differences, look-ups). Mixed into SFT data they
-    teach a small language model those steps apart from reading the image, as language pretraining would."""
+    teach a small language model those steps apart from reading the image, as language pretraining would.
+    `form="observe"` gives the observation alone as the reasoning (what the image shows, no computation): the data of
+    the image-description stage (`scripts.pretrain_vision.align_language_model`)."""
     tasks = list(tasks) if tasks else list(TASKS)
     unknown = [task for task in tasks if task not in MAKERS]
     if unknown:
@@ -652,12 +656,14 @@ def _example(
     form: str = "long",
 ) -> Example:
     """The example in one of the `FORMS`, from `steps`: the plan first, then the observation (what the image shows),
-    the computation, and the check last. Every reasoning ends with "So the answer is X."."""
+    the computation, and the check last. Every reasoning but the observe form's ends with "So the answer is X."."""
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; the forms are {FORMS}")
     if form == "text":  # the observation moves into the problem, the image goes
         reasoning = " ".join([*steps[2:-1], f"So the answer is {answer}."])
         return Example(f"{steps[1]} {problem}", str(answer), [], reasoning, task, difficulty)
+    if form == "observe":  # what the image shows, nothing else: image-description data for aligning the LLM
+        return Example(problem, str(answer), [image], steps[1], task, difficulty, scene=scene)
     reasoning = " ".join([*(steps if form == "long" else steps[1:-1]), f"So the answer is {answer}."])
     return Example(problem, str(answer), [image], reasoning, task, difficulty, scene=scene)
 

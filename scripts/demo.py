@@ -32,7 +32,7 @@ from data.records import to_messages
 from data.synthetic import generate, parse_difficulty_weights, write_dataset
 from scripts.make_tiny import make_tiny
 from scripts.plot_rl import plot_curves, read_metrics
-from scripts.pretrain_vision import pretrain_vision
+from scripts.pretrain_vision import align_language_model, pretrain_vision
 from scripts.token_efficiency import evaluate_checkpoint
 from scripts.token_efficiency import write_report as write_token_efficiency
 from trainers.rl import RLConfig, RLTrainer
@@ -129,6 +129,14 @@ def main(argv: list[str] | None = None) -> dict:
         help="steps of vision pretraining on scene annotations before SFT (scripts/pretrain_vision.py; 0: none)",
     )
     parser.add_argument(
+        "--align-steps",
+        type=int,
+        default=0,
+        help="steps of image-description training of the language model before SFT (32 fresh images each; 0: none)",
+    )
+    parser.add_argument("--align-batch", type=int, default=32, help="image descriptions per step")
+    parser.add_argument("--align-text-batch", type=int, default=0, help="text-only worked problems per step")
+    parser.add_argument(
         "--train-vision",
         action="store_true",
         help="also train the vision encoder and projector during SFT and RL; by default they stay fixed, see README",
@@ -157,12 +165,23 @@ def main(argv: list[str] | None = None) -> dict:
     base = make_tiny(out / "base", seed=args.seed, size=args.size)
     processor = AutoProcessor.from_pretrained(base)
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
-    vision = None
+    vision = alignment = None
     if args.vision_steps:
         vision = pretrain_vision(
             model, processor.image_processor, steps=args.vision_steps, seed=args.seed, difficulty_weights=weights
         )
-        model.save_pretrained(base)  # the base checkpoint: pretrained vision side, random language model
+    if args.align_steps:
+        alignment = align_language_model(
+            model,
+            processor,
+            steps=args.align_steps,
+            seed=args.seed,
+            difficulty_weights=weights,
+            batch_size=args.align_batch,
+            text_batch_size=args.align_text_batch,
+        )
+    if args.vision_steps or args.align_steps:
+        model.save_pretrained(base)  # the base checkpoint: pretrained vision side, language model aligned to it
 
     print("3/8 evaluating the untrained model (through vLLM: one engine serves every stage, new weights are pushed)")
     engine = RolloutEngine(base, max_model_len=1024, dtype="float32", seed=args.seed)
@@ -236,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
         "difficulty_weights": weights,
         "vision_trained": args.train_vision,
         "vision_pretraining": vision,
+        "image_description": alignment,
         "rl_metrics": read_metrics(out / "rl" / "metrics.jsonl") if rl else [],
         "final_loss": losses[-1][1] if losses else None,
         "steps": trainer.state.global_step,

@@ -385,6 +385,18 @@ def test_text_form_writes_the_observation_into_the_problem():
         assert text.answer == RECOMPUTE[short.task](short)  # the visual twin's answer, read back from its pixels
 
 
+def test_observe_form_is_the_observation_alone():
+    longs, observed = generate(10, seed=4), generate(10, seed=4, form="observe")
+    for long, seen in zip(longs, observed):
+        assert (seen.problem, seen.answer, seen.scene) == (long.problem, long.answer, long.scene)
+        assert list(seen.images[0].getdata()) == list(long.images[0].getdata())
+        # The long form is plan, observation, computation, check: the observation follows the plan's sentence.
+        assert seen.reasoning and "answer is" not in seen.reasoning and long.reasoning.startswith("Plan: ")
+        assert f". {seen.reasoning} " in long.reasoning, long.id
+    messages = to_messages(observed[0], with_answer=False)
+    assert messages[-1] == {"role": "assistant", "reasoning_content": observed[0].reasoning, "content": ""}
+
+
 def test_difficulty_covers_1_to_5(examples):
     for task in TASKS:
         assert {e.difficulty for e in examples if e.task == task} == {1, 2, 3, 4, 5}, task

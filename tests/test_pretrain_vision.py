@@ -1,12 +1,13 @@
-"""Vision pretraining on the synthetic scene annotations (scripts/pretrain_vision.py)."""
+"""Vision pretraining on the synthetic scene annotations and image-description training of the language model
+(scripts/pretrain_vision.py)."""
 
 import shutil
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from scripts.pretrain_vision import main, readout_loss
+from scripts.pretrain_vision import align_language_model, main, readout_loss
 
 
 def test_readout_loss_counts_only_labelled_slots():
@@ -40,3 +41,17 @@ def test_pretraining_teaches_the_vision_side_to_read_scenes_and_leaves_the_llm(t
         same = torch.equal(old[name], new[name])
         assert same == ("language_model" in name or "lm_head" in name), name
     AutoModelForImageTextToText.from_pretrained(out)  # a complete checkpoint
+
+
+def test_image_description_trains_the_llm_only_and_restores_the_model(tiny_dir):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    result = align_language_model(model, processor, steps=40, batch_size=16, held_out=20, tasks=["digit_arithmetic"])
+    assert set(result["observations_exact_after"]) == {"digit_arithmetic"}
+    assert result["final_loss"] < 2.0, result  # from ~ln(vocab) = 8: the sentence template is learned
+    for name, p in model.named_parameters():
+        vision = "vision_tower" in name or "multi_modal_projector" in name
+        assert torch.equal(p, before[name]) == vision, name
+        assert p.requires_grad == flags[name], name

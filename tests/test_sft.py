@@ -5,11 +5,18 @@ import sys
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, TrainerCallback
 
 from data.records import Example
 from data.synthetic import generate, write_dataset
-from trainers.sft import IGNORE_INDEX, ChatSFTDataset, MultimodalCollator, SFTConfig, SFTTrainer
+from trainers.sft import (
+    IGNORE_INDEX,
+    PACKED_ATTENTION,
+    ChatSFTDataset,
+    MultimodalCollator,
+    SFTConfig,
+    SFTTrainer,
+)
 
 from .conftest import ROOT, shapes_image
 
@@ -22,6 +29,16 @@ def examples():
 @pytest.fixture(scope="module")
 def dataset(examples, processor):
     return ChatSFTDataset(examples, processor, max_length=2048)
+
+
+class AttentionKernels(TrainerCallback):
+    """Records the language model's attention kernel at every training step."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.seen.add(model.config.get_text_config()._attn_implementation)
 
 
 def test_labels_cover_only_the_assistant_turn(processor):
@@ -125,10 +142,14 @@ def test_short_sft_run_lowers_the_loss(tiny_dir, processor, dataset, tmp_path):
         use_cpu=True,
         seed=0,
     )
-    trainer = SFTTrainer(model=model, args=args, processing_class=processor, train_dataset=dataset)
+    kernels = AttentionKernels()
+    trainer = SFTTrainer(model=model, args=args, processing_class=processor, train_dataset=dataset, callbacks=[kernels])
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:3]) / 3
+    # Packed rows train with attention per example; the model's own kernel is back for generation afterwards.
+    assert kernels.seen == {PACKED_ATTENTION}
+    assert model.config.text_config._attn_implementation == "sdpa"
     out = trainer.save_final(tmp_path / "final")
     assert (out / "model.safetensors").is_file() and (out / "processor_config.json").is_file()
 
@@ -145,11 +166,13 @@ def test_lora_and_frozen_vision_tower(tiny_dir, processor, dataset, tmp_path):
         save_strategy="no",
         use_cpu=True,
     )
-    trainer = SFTTrainer(model=model, args=args, processing_class=processor, train_dataset=dataset)
+    kernels = AttentionKernels()
+    trainer = SFTTrainer(model=model, args=args, processing_class=processor, train_dataset=dataset, callbacks=[kernels])
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or "multi_modal_projector" in n for n in trainable)
     assert not any("vision_tower" in n for n in trainable)
     trainer.train()
+    assert kernels.seen == {PACKED_ATTENTION}  # through the PEFT wrapper too
     out = trainer.save_final(tmp_path / "merged")
     merged = AutoModelForImageTextToText.from_pretrained(out)
     assert not any("lora" in n for n, _ in merged.named_parameters())

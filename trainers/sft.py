@@ -94,16 +94,17 @@ class ChatSFTDataset(Dataset):
     """Examples (`data.records.Example`) tokenized with the processor's chat template, with assistant-only labels.
 
     Examples longer than `max_length` (an image's tokens are never cut) or whose images fail to decode are skipped
-    and counted in `skipped`, by reason in `skip_reasons`."""
+    and counted in `skipped`, by reason in `skip_reasons`. With `with_answer=False` the assistant turn is the reasoning
+    alone, no `\\boxed{}` answer (image-description data, `scripts.pretrain_vision.align_language_model`)."""
 
-    def __init__(self, examples: list, processor, max_length: int):
+    def __init__(self, examples: list, processor, max_length: int, with_answer: bool = True):
         from data.records import to_messages
 
         self.items, self.skip_reasons = [], Counter()
         for example in tqdm(examples, desc="tokenizing", disable=len(examples) < 64):
             try:
                 out = processor.apply_chat_template(
-                    to_messages(example, with_response=True),
+                    to_messages(example, with_response=True, with_answer=with_answer),
                     tokenize=True,
                     return_dict=True,
                     return_assistant_tokens_mask=True,
@@ -224,6 +225,21 @@ class SFTTrainer(Trainer):
         super().__init__(
             model=model, args=args, processing_class=processing_class, train_dataset=train_dataset, **kwargs
         )
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`. With packing, a language model that runs sdpa or eager attention runs
+        `kimi_mm_packed_sdpa` meanwhile (attention per packed example: the sum of n_i^2, no row_length^2 mask); its
+        own kernel comes back afterwards, for generation and padded batches. flash-attention kernels take the
+        packed segments from `position_ids` themselves and stay as they are."""
+        model = self.accelerator.unwrap_model(self.model)
+        language = (model.get_base_model() if hasattr(model, "get_base_model") else model).model.language_model
+        kernel = language.config._attn_implementation
+        if self.args.packing and kernel in ("sdpa", "eager"):
+            language.set_attn_implementation(PACKED_ATTENTION)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            language.set_attn_implementation(kernel)
 
     def compute_loss(self, model, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
         """The Trainer's loss, with the LM head run only on labelled positions in training (the same loss; no logits
