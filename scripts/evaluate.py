@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from data import mathvista, mmmu
 from data.eval_common import THINK_TAGS
+from data.records import read_jsonl
 
 BENCHMARKS = {"mathvista": mathvista, "mmmu": mmmu}
 
@@ -63,23 +64,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def read_predictions(path: str | Path, known_ids: set[str]) -> dict[str, str]:
     """id -> response from a JSON-lines file; errors name the line of a bad, duplicate or unknown entry."""
     responses = {}
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {number}: invalid JSON ({error})") from error
-            item = record.get("id", record.get("pid")) if isinstance(record, dict) else None
-            if item is None or not isinstance(record.get("response"), str):
-                raise ValueError(f"{path} line {number}: expected {{'id': ..., 'response': '...'}}, got {line[:200]!r}")
-            item = str(item)
-            if item not in known_ids:
-                raise ValueError(f"{path} line {number}: id {item!r} is not a (valid) problem of this split")
-            if item in responses:
-                raise ValueError(f"{path} line {number}: a second response for id {item!r}")
-            responses[item] = record["response"]
+    for number, record in read_jsonl(path):
+        item = record.get("id", record.get("pid")) if isinstance(record, dict) else None
+        if item is None or not isinstance(record.get("response"), str):
+            shown = json.dumps(record)[:200]
+            raise ValueError(f"{path} line {number}: expected {{'id': ..., 'response': '...'}}, got {shown}")
+        item = str(item)
+        if item not in known_ids:
+            raise ValueError(f"{path} line {number}: id {item!r} is not a (valid) problem of this split")
+        if item in responses:
+            raise ValueError(f"{path} line {number}: a second response for id {item!r}")
+        responses[item] = record["response"]
     return responses
 
 
