@@ -77,6 +77,15 @@ def readout_loss(logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tens
     return total / (labels != -100).sum().clamp(min=1)
 
 
+def warmup_cosine(optimizer, steps: int):
+    """Linear warm-up over the first 5% of `steps`, then a cosine decay to 0 at `steps`."""
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
+    )
+
+
 @torch.no_grad()
 def slot_accuracy(model, image_processor, head: SceneReadout, examples, batch_size: int = 128) -> dict[str, float]:
     """Share of labelled slots read correctly, per task family (empty cells and absent digits/bars included)."""
@@ -120,11 +129,7 @@ def pretrain_vision(
     test = generate(held_out, seed + 999_983, image_size=image_size, difficulty_weights=difficulty_weights)
     before = slot_accuracy(model, image_processor, head, test)
     optimizer = torch.optim.AdamW([*vision, *head.parameters()], lr=learning_rate, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
-    )
+    schedule = warmup_cosine(optimizer, steps)
     loss = torch.tensor(float("nan"))
     for step in tqdm(range(steps), desc="vision pretraining"):
         batch = generate(batch_size, seed, tasks, image_size, difficulty_weights, start=step * batch_size)
@@ -190,11 +195,7 @@ def align_language_model(
             p.requires_grad_(False)
         model.train()
         optimizer = torch.optim.AdamW(trained, lr=learning_rate, weight_decay=0.0)
-        warmup = max(1, steps // 20)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
-        )
+        schedule = warmup_cosine(optimizer, steps)
         loss = torch.tensor(float("nan"))
         for step in tqdm(range(steps), desc="image description"):
             examples = generate(batch_size, seed, start=step * batch_size, **options)
