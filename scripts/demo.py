@@ -8,7 +8,7 @@
     processor) → reload the final one with AutoModelForImageTextToText and answer one image question.
 
     python -m scripts.demo [--out outputs/demo] [--train 1200] [--test 200] [--epochs 12] [--vision-steps 800]
-                           [--rl-iterations 12] [--long2short-epochs 4] [--long2short-iterations 6]
+                           [--align-steps 0] [--rl-iterations 12] [--long2short-epochs 4] [--long2short-iterations 6]
 
 Writes `OUT/report.md` with the numbers and PNG plots (SFT loss curve, RL curves, accuracy per task family, token
 efficiency) and prints a one-line summary.
@@ -161,7 +161,11 @@ def main(argv: list[str] | None = None) -> dict:
     problems = write_dataset(generate(args.rl_problems, args.seed + 7, difficulty_weights=weights), out / "data" / "rl")
     train, test, problems = load_examples(train_dir), load_examples(test_dir), load_examples(problems).examples
 
-    print("2/8 building a tiny model" + (" and pretraining its vision encoder" if args.vision_steps else ""))
+    print(
+        "2/8 building a tiny model"
+        + (" and pretraining its vision encoder" if args.vision_steps else "")
+        + (", then training its language model to describe images" if args.align_steps else "")
+    )
     base = make_tiny(out / "base", seed=args.seed, size=args.size)
     processor = AutoProcessor.from_pretrained(base)
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
