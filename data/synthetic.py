@@ -47,7 +47,8 @@ TASKS = ("count_shapes", "digit_arithmetic", "bar_chart", "triangle_angle", "col
 MIN_IMAGE_SIZE = 64
 SLIP_RATE = 0.2  # share of examples whose reasoning corrects a slip
 # The forms of an example: "long" (plan, observation, computation, check, sometimes a slip corrected), "short"
-# (observation and computation) and "text" (no image: the observation is written into the problem).
+# (observation and computation), "text" (no image: the observation is written into the problem) and "observe"
+# (the observation alone: image-description data).
 FORMS = ("long", "short", "text", "observe")
 MAX_BAR = 8  # bar values are 1..MAX_BAR, one gridline per unit
 ROW_NAMES = ("top", "second", "third", "bottom")  # rows of the 4 x 4 layout of count_shapes

@@ -8,6 +8,10 @@ over the image's projected tokens (the tokens the language model sees) and a lin
 together with the encoder and projector on the `Example.scene` labels of freshly generated images. The head is then
 dropped; the language model is not touched.
 
+`align_language_model` is an optional next stage (demo `--align-steps`): the language model, with the vision side
+fixed, learns to write what fresh images show (each problem's observation sentence), as VLMs are trained to describe
+images before instruction tuning. README "What we know" has what it did for the demo.
+
     python -m scripts.pretrain_vision --model DIR [--out DIR] [--steps 600] [--batch-size 64]
 
 Prints one JSON line: held-out slot accuracy per task family before and after, and the time taken.
