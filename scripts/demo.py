@@ -431,6 +431,14 @@ mean response tokens {stages[long]["mean_tokens"]:.1f} → {stages[short]["mean_
         else "The vision encoder and projector were left random"
     )
     vision_text += ", then trained with the language model." if s["vision_trained"] else ", then kept fixed."
+    described = s["image_description"]
+    if described:
+        vision_text += (
+            f" Before SFT the language model was trained to describe fresh images ({described['seconds']:.0f} s; "
+            "held-out observations written exactly: "
+            + ", ".join(f"{task} {acc:.0%}" for task, acc in described["observations_exact_after"].items())
+            + ")."
+        )
     (out / "report.md").write_text(f"""# kimi_mm demo report
 
 Tiny kimi_mm model (CPU), long-CoT SFT on {s["train_examples"]} synthetic visual-reasoning examples

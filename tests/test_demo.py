@@ -40,6 +40,7 @@ def test_demo_pipeline_writes_report_plots_and_a_reloadable_checkpoint(tmp_path)
     assert "## long2short" in report and (tmp_path / "token_efficiency.png").read_bytes()[:4] == b"\x89PNG"
     assert set(summary["vision_pretraining"]["slot_accuracy_after"]) == set(summary["per_task_sft"])
     assert set(summary["image_description"]["observations_exact_after"]) == set(summary["per_task_sft"])
+    assert "trained to describe fresh images" in report
     # The (pretrained) vision encoder and projector stay fixed through SFT and RL (the demo's default); the LLM trains.
     base, final = (load_file(tmp_path / d / "model.safetensors") for d in ("base", "final"))
     vision = [k for k in base if "vision_tower" in k or "multi_modal_projector" in k]
