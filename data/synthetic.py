@@ -587,6 +587,8 @@ def generate(
         raise ValueError(f"unknown form {form!r}; the forms are {FORMS}")
     if not 0 <= short_rate <= 1:
         raise ValueError(f"short_rate is a share of the examples, between 0 and 1; got {short_rate}")
+    if short_rate and form != "long":
+        raise ValueError(f"short_rate turns long-form examples short; it does not go with form={form!r}")
     examples = []
     for index in range(start, start + n):
         task = tasks[index % len(tasks)]

@@ -180,7 +180,8 @@ def align_language_model(
     start = time.time()
     torch.manual_seed(seed)
     vision = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
-    trained = [p for p in model.parameters() if all(p is not v for v in vision)]
+    fixed = set(map(id, vision))
+    trained = [p for p in model.parameters() if id(p) not in fixed]
     frozen = [p.requires_grad for p in vision]
     # Padded rows: the observations are of similar lengths, and one attention call per batch beats packing here.
     collate = MultimodalCollator(processor.tokenizer.pad_token_id, max_length=2048, packing=False)

@@ -370,6 +370,8 @@ def test_short_rate_gives_short_form_reasoning_on_the_same_problems():
         generate(1, seed=0, short_rate=1.5)
     with pytest.raises(ValueError, match="unknown form 'brief'"):
         generate(1, seed=0, form="brief")
+    with pytest.raises(ValueError, match="does not go with form='text'"):
+        generate(1, seed=0, short_rate=0.5, form="text")
     with pytest.raises(SystemExit):
         synthetic_main(["--out", "unused", "--n", "1", "--short-rate", "-0.1"])
 
