@@ -27,7 +27,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import kimi_mm  # noqa: F401  (Auto classes)
 from data.loaders import load_examples
-from data.long2short import write_long2short_data
+from trainers.long2short import write_long2short_data
 from data.records import to_messages
 from data.synthetic import generate, parse_difficulty_weights, write_dataset
 from scripts.make_tiny import make_tiny

@@ -5,7 +5,7 @@
 
 Each checkpoint answers every problem once, greedily, through the rollout engine (vLLM); a response is correct when
 it finished, closed its thinking block and its final answer passes `data.verify.is_correct` (as in
-`data.long2short`). Response tokens count everything the model generated after the generation prompt, thinking
+`trainers.long2short`). Response tokens count everything the model generated after the generation prompt, thinking
 included. Writes `OUT/token_efficiency.md` (a table), `OUT/token_efficiency.json` (with per-example results) and
 `OUT/token_efficiency.png` (the scatter).
 """
@@ -21,8 +21,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.long2short import sample_groups
 from data.records import Example
+from trainers.long2short import sample_groups
 
 NAME = "token_efficiency"
 

@@ -7,7 +7,6 @@ import torch
 import yaml
 from transformers import AutoModelForImageTextToText
 
-from data.long2short import PreferencePair, load_preference_pairs, write_preference_pairs
 from data.synthetic import generate, write_dataset
 from trainers.dpo import (
     DPOConfig,
@@ -19,6 +18,7 @@ from trainers.dpo import (
     parse_config,
     sequence_logps,
 )
+from trainers.long2short import PreferencePair, load_preference_pairs, write_preference_pairs
 from trainers.sft import IGNORE_INDEX
 
 

@@ -1,4 +1,4 @@
-"""data/long2short.py (pair builder, scoring, shortest rejection sampling) and scripts/token_efficiency.py.
+"""trainers/long2short.py (pair builder, scoring, shortest rejection sampling) and scripts/token_efficiency.py.
 
 The vLLM-backed tests share one engine serving a tiny model that was first overfitted (a few seconds of SFT) to
 answer one problem with a short correct, a long correct or a wrong chain of thought, so sampling it gives groups with
@@ -13,7 +13,9 @@ import pytest
 from transformers import AutoModelForImageTextToText
 
 from data.loaders import load_examples
-from data.long2short import (
+from data.synthetic import generate
+from scripts.token_efficiency import evaluate_checkpoint, write_report
+from trainers.long2short import (
     RejectionSamplingResult,
     ScoredResponse,
     build_dpo_pairs,
@@ -23,8 +25,6 @@ from data.long2short import (
     shortest_correct,
     write_long2short_data,
 )
-from data.synthetic import generate
-from scripts.token_efficiency import evaluate_checkpoint, write_report
 from trainers.rollout import Completion
 from trainers.sft import ChatSFTDataset, SFTConfig, SFTTrainer
 

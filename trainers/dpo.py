@@ -1,6 +1,6 @@
 """Multimodal DPO on long2short preference pairs (k1.5 §2.4) for kimi_mm.
 
-    python -m data.long2short --model LONG_COT --data PROBLEMS --out PAIRS_DIR --dpo-pairs   # build the pairs
+    python -m trainers.long2short --model LONG_COT --data PROBLEMS --out PAIRS_DIR --dpo-pairs   # build the pairs
     python trainers/dpo.py --config configs/dpo_tiny.yaml [--key value ...]
     torchrun --nproc_per_node 2 trainers/dpo.py --config ...        # or: accelerate launch trainers/dpo.py ...
 
@@ -101,7 +101,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class PreferenceDataset(Dataset):
-    """Preference pairs (`data.long2short.PreferencePair`) tokenized for DPO.
+    """Preference pairs (`trainers.long2short.PreferencePair`) tokenized for DPO.
 
     Each problem's prompt is rendered once by the processor's chat template (generation prompt included, images
     expanded); each response text is tokenized and appended, and only its tokens are labelled. Responses are cut to
@@ -277,7 +277,7 @@ def parse_config(argv: list[str] | None = None) -> DPOConfig:
 
 def main(argv: list[str] | None = None) -> Path:
     import kimi_mm  # noqa: F401  (Auto classes)
-    from data.long2short import load_preference_pairs
+    from trainers.long2short import load_preference_pairs
 
     config = parse_config(argv)
     if not config.model_name_or_path or not config.train_data:

@@ -1,6 +1,6 @@
 """long2short data (k1.5 §2.4): shortest rejection sampling and DPO pairs from a long-CoT model's own samples.
 
-    python -m data.long2short --model CKPT --data DIR --out DIR [--n 8] [--max-tokens 1024] [--dpo-pairs]
+    python -m trainers.long2short --model CKPT --data DIR --out DIR [--n 8] [--max-tokens 1024] [--dpo-pairs]
 
 Each problem is sampled `n` times through the rollout engine (`trainers.rollout.RolloutEngine`) and every response
 is scored as the RL trainer scores it (`trainers.rewards`): correct when it finished (end-of-turn token), closed the
@@ -28,11 +28,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from data.loaders import load_examples
+from data.records import Example, read_jsonl, to_messages
+from data.synthetic import write_dataset
 from trainers.rewards import THINK_END, accuracy_reward, format_reward
-
-from .loaders import load_examples
-from .records import Example, read_jsonl, to_messages
-from .synthetic import write_dataset
 
 logger = logging.getLogger(__name__)
 PAIRS_FILE = "dpo_pairs.jsonl"
