@@ -9,7 +9,7 @@ Sources:
 
 Record schemas (`format`):
 - "plain": `problem` (or `question`) and `answer`, images under `decoded_image`, `images` (a list) or `image`;
-  optional `reasoning`, `task`, `difficulty`, `choices` and `id`. This covers our synthetic `data.jsonl`,
+  optional `reasoning`, `task`, `difficulty`, `choices`, `id` and `scene`. This covers our synthetic `data.jsonl`,
   Geometry3K (its `<image>` tokens are removed from the problem; their number must match the images) and
   MathVista-style records (`choices` missing from the problem text are appended as "(A) ..." lines, and an
   answer given as an option's text becomes its letter).
@@ -185,7 +185,17 @@ def _to_example(record, format: str, base: Path, default_id: str) -> Example:
         difficulty=min(5, max(1, int(record.get("difficulty") or 1))),
         choices=choices,
         id=example_id,
+        scene=_scene(record.get("scene"), example_id),
     )
+
+
+def _scene(value, example_id: str) -> dict[str, int] | None:
+    """A synthetic record's scene annotations (slot name -> class index), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+        raise _Skip("malformed", f"{example_id}: scene must map slot names to integer classes, got {value!r:.80}")
+    return {str(name): label for name, label in value.items()}
 
 
 def _plain_problem(record: dict) -> tuple[str, list]:

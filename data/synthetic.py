@@ -269,22 +269,27 @@ def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int
 
     rows = [0, 0, 0, 0]
     scene = dict.fromkeys((f"cell{i}" for i in range(16)), 0)
-    for shape in shapes:
+    cells = ["empty"] * 16
+    for shape in sorted(shapes, key=lambda shape: _shape_cell(shape, 4, image_size)):
         index = _shape_cell(shape, 4, image_size)
         scene[f"cell{index}"] = _shape_class(shape)
+        cells[index] = f"{shape.colour} {shape.kind}"
         if (shape.kind, shape.colour) == (kind, colour):
             rows[index // 4] += 1
+            cells[index] += f" ({sum(rows)})"  # the running count: each step looks at one cell
     answer = sum(rows)
     name = f"{colour} {kind}s"
-    steps = [f"Plan: keep only the {name}, ignoring other colours and other shapes, and count them row by row."]
+    steps = [f"Plan: keep only the {name}, ignoring other colours and other shapes, and count them cell by cell."]
     if slip:
         row = rng.choice([r for r, n in enumerate(rows) if n])
         steps.append(
             f"At first glance I counted {answer - 1}, but looking again at the {ROW_NAMES[row]} row there is one more."
         )
-    in_all = "There is 1 shape" if len(shapes) == 1 else f"There are {len(shapes)} shapes"
-    steps.append(f"{in_all}. From the top row down, the {name} per row are {_join(rows)}.")
-    steps.append(f"That makes {' + '.join(map(str, rows))} = {answer}.")
+    row_texts = [", ".join(cells[4 * r : 4 * r + 4]) for r in range(4)]
+    row_texts = ["empty" if text == "empty, empty, empty, empty" else text for text in row_texts]
+    steps.append(" ".join(f"{ROW_NAMES[r].capitalize()} row: {text}." for r, text in enumerate(row_texts)))
+    in_all = "there is 1 shape" if len(shapes) == 1 else f"there are {len(shapes)} shapes"
+    steps.append(f"That makes {answer} {name if answer != 1 else name[:-1]}, and {in_all} in all.")
     others = len(shapes) - answer
     if others:
         rest = "the other shape is not" if others == 1 else f"none of the other {others} shapes is"
@@ -567,7 +572,7 @@ def generate(
     same dataset, and `start` picks up where an earlier call of the same dataset stopped (examples start..start+n-1).
     `short_rate` is the share of examples (seeded, drawn apart from the scene) whose reasoning takes the short form:
     observation and computation only, no plan, no check, no slip. Long-CoT SFT data with some short examples makes a
-    model whose samples vary in length, which long2short then selects from (`data.long2short`); 0 by default.
+    model whose samples vary in length, which long2short then selects from (`trainers.long2short`); 0 by default.
     `form="text"` gives text-only twins of the problems (see `FORMS`): the scene is described in the problem, and the
     reasoning is the rest of the short form (the computation: sums, differences, look-ups). Mixed into SFT data they
     teach a small language model those steps apart from reading the image, as language pretraining would.
@@ -606,7 +611,7 @@ def generate(
 
 def write_dataset(examples: Sequence[Example], out_dir: str | Path) -> Path:
     """Write `out_dir/data.jsonl` (one JSON object per example: id, problem, answer, images, reasoning, task,
-    difficulty, choices) and the images as `out_dir/images/<id>_<k>.png`, referenced by relative path.
+    difficulty, choices, and scene where the example has one) and the images as `out_dir/images/<id>_<k>.png`, referenced by relative path.
 
     Returns `out_dir`; `data.loaders.load_examples(out_dir)` and
     `datasets.load_dataset("json", data_files=str(out_dir / "data.jsonl"))` read it back."""
@@ -636,6 +641,8 @@ def write_dataset(examples: Sequence[Example], out_dir: str | Path) -> Path:
                 "difficulty": example.difficulty,
                 "choices": example.choices,
             }
+            if example.scene is not None:
+                record["scene"] = example.scene
             file.write(json.dumps(record, ensure_ascii=False) + "\n")
     return out
 

@@ -27,7 +27,6 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import kimi_mm  # noqa: F401  (Auto classes)
 from data.loaders import load_examples
-from trainers.long2short import write_long2short_data
 from data.records import to_messages
 from data.synthetic import generate, parse_difficulty_weights, write_dataset
 from scripts.make_tiny import make_tiny
@@ -35,6 +34,7 @@ from scripts.plot_rl import plot_curves, read_metrics
 from scripts.pretrain_vision import align_language_model, pretrain_vision
 from scripts.token_efficiency import evaluate_checkpoint
 from scripts.token_efficiency import write_report as write_token_efficiency
+from trainers.long2short import write_long2short_data
 from trainers.rl import RLConfig, RLTrainer
 from trainers.rollout import RolloutEngine
 from trainers.sft import ChatSFTDataset, SFTConfig, SFTTrainer

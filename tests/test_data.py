@@ -337,13 +337,35 @@ def test_answer_formats(examples):
     assert any("." in e.answer for e in examples)  # the mean of two bars can be x.5
 
 
+def test_count_reasoning_reads_every_cell_with_a_running_count():
+    """count_shapes reasons cell by cell: each row's four cells as the scene has them, the asked shapes numbered."""
+    for example in generate(40, seed=5, tasks=["count_shapes"], difficulty_weights=[1, 1, 1, 1, 1]):
+        colour, kind = re.fullmatch(r"How many (\w+) (\w+)s are there in the image\?", example.problem).groups()
+        rows = re.findall(r"(?:Top|Second|Third|Bottom) row: ([^.]*)\.", example.reasoning)
+        assert len(rows) == 4, example.reasoning
+        cells = [c for row in rows for c in (["empty"] * 4 if row == "empty" else row.split(", "))]
+        assert len(cells) == 16, example.reasoning
+        counted = 0
+        for index, cell in enumerate(cells):
+            label = example.scene[f"cell{index}"]
+            if label == 0:
+                assert cell == "empty", (example.id, index)
+                continue
+            shape = f"{list(COLOURS)[(label - 1) % 4]} {SHAPES[(label - 1) // 4]}"
+            if shape == f"{colour} {kind}":
+                counted += 1
+                shape += f" ({counted})"
+            assert cell == shape, (example.id, index, cell, shape)
+        assert str(counted) == example.answer == recount_shapes(example)
+
+
 def test_reasoning_is_a_checked_chain_of_thought(examples):
     for example in examples:
         text = example.reasoning
         assert text.startswith("Plan:") and "Let me check:" in text
         assert text.endswith(f"So the answer is {example.answer}.")
         assert extract_boxed(text) == example.answer
-        assert 40 <= len(text.split()) <= 100, (example.id, len(text.split()))
+        assert 40 <= len(text.split()) <= 120, (example.id, len(text.split()))
         assert "<think>" not in text and "<image>" not in example.problem
     slips = [("I first" in e.reasoning or "At first" in e.reasoning) for e in examples]
     assert 0.1 <= sum(slips) / len(slips) <= 0.3
@@ -461,8 +483,8 @@ def test_cli_dataset_reads_with_datasets_and_round_trips(tmp_path):
         assert (example.id, example.answer, example.problem, example.reasoning) == (
             original.id, original.answer, original.problem, original.reasoning,
         )  # fmt: skip
-        assert (example.task, example.difficulty, example.choices) == (
-            original.task, original.difficulty, original.choices,
+        assert (example.task, example.difficulty, example.choices, example.scene) == (
+            original.task, original.difficulty, original.choices, original.scene,
         )  # fmt: skip
         with Image.open(example.images[0]) as image:
             assert np.array_equal(np.asarray(image), pixels(original))
@@ -510,6 +532,7 @@ def test_plain_jsonl_with_bad_records(tmp_path, image_dir, caplog):
             {"problem": "<image><image> two tokens", "answer": "1", "images": ["img/ok.png"]},
             ["not", "a", "record"],
             "{not json",
+            {"problem": "Bad scene", "answer": "1", "scene": {"cell0": "red"}},
         ],
     )
     with caplog.at_level(logging.WARNING, logger="data.loaders"):
@@ -524,12 +547,12 @@ def test_plain_jsonl_with_bad_records(tmp_path, image_dir, caplog):
         "no_answer": 2,
         "no_problem": 1,
         "image_mismatch": 1,
-        "malformed": 1,
+        "malformed": 2,
         "bad_json": 1,
     }
-    assert result.skipped == 8
+    assert result.skipped == 9
     (message,) = [r.getMessage() for r in caplog.records if r.name == "data.loaders"]
-    assert "loaded 4 of 12 records" in message and "missing_image: 1" in message and "nope.png" in message
+    assert "loaded 4 of 13 records" in message and "missing_image: 1" in message and "nope.png" in message
 
 
 def test_image_root_and_geometry3k_records(tmp_path, image_dir):
