@@ -1,8 +1,8 @@
 """Pretrain a kimi_mm checkpoint's vision encoder and projector on the synthetic scenes' annotations.
 
 Real VLMs start from a pretrained vision encoder. The demo's tiny model starts from a random one, which cannot tell
-digits apart, and the tiny language model cannot learn to read its features in a few minutes of SFT (README, "What
-we know"). This stage stands in for the pretrained encoder: a readout head - one learned query per scene slot
+digits apart, and the tiny language model cannot learn to read its features in a few minutes of SFT
+(docs/findings.md). This stage stands in for the pretrained encoder: a readout head - one learned query per scene slot
 (`data.synthetic.SCENE_SLOTS`: the shape in each cell, each digit, each bar's value, each angle label), attention
 over the image's projected tokens (the tokens the language model sees) and a linear classifier per slot - is trained
 together with the encoder and projector on the `Example.scene` labels of freshly generated images. The head is then
@@ -10,7 +10,7 @@ dropped; the language model is not touched.
 
 `align_language_model` is an optional next stage (demo `--align-steps`): the language model, with the vision side
 fixed, learns to write what fresh images show (each problem's observation sentence), as VLMs are trained to describe
-images before instruction tuning. README "What we know" has what it did for the demo.
+images before instruction tuning. docs/findings.md has what it did for the demo.
 
     python -m scripts.pretrain_vision --model DIR [--out DIR] [--steps 600] [--batch-size 64]
 
