@@ -251,16 +251,24 @@ def test_config_file_and_flag_overrides(tmp_path):
     assert (config.output_dir, config.learning_rate, config.packing) == ("x", 0.25, False)
 
 
-def test_per_example_attention_matches_the_masked_path(dataset, processor, tiny_dir, tiny_model):
+def test_per_example_attention_matches_the_masked_path(dataset, processor, tiny_dir):
     from trainers.sft import PACKED_ATTENTION
 
     items = [dataset[i] for i in range(4)]
     packed = MultimodalCollator(processor.tokenizer.pad_token_id, max_length=500, packing=True)(items)
     assert packed["input_ids"].shape[0] > 1  # several rows, each with several examples and a padding tail
     model = AutoModelForImageTextToText.from_pretrained(tiny_dir).eval()
+    reference = AutoModelForImageTextToText.from_pretrained(tiny_dir).eval()
     model.model.language_model.set_attn_implementation(PACKED_ATTENTION)
-    with torch.no_grad():
-        per_example = model(**packed)
-        masked = tiny_model(**packed)  # sdpa with the block-diagonal mask transformers derives
+    per_example = model(**packed)
+    masked = reference(**packed)  # sdpa with the block-diagonal mask transformers derives
     torch.testing.assert_close(per_example.logits, masked.logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(per_example.loss, masked.loss, atol=1e-5, rtol=1e-5)
+    per_example.loss.backward()
+    masked.loss.backward()  # and the same gradients, so training follows the same path
+    compared = 0
+    for (name, param), other in zip(model.named_parameters(), reference.parameters()):
+        if param.grad is not None or other.grad is not None:
+            torch.testing.assert_close(param.grad, other.grad, atol=1e-5, rtol=1e-4, msg=name)
+            compared += name.startswith("model.language_model.layers.")
+    assert compared > 0

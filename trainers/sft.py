@@ -70,11 +70,11 @@ def packed_sdpa_attention(
     if position_ids is None or attention_mask is not None:
         raise ValueError(f"{PACKED_ATTENTION} needs packed batches (position_ids, no attention mask)")
     position_ids = position_ids.expand(query.shape[0], -1)
-    out = torch.empty_like(query)
+    rows = []
     for row, positions in enumerate(position_ids):
         starts = [0] + ((positions[1:] - positions[:-1]) != 1).nonzero().flatten().add(1).tolist()
-        for start, end in zip(starts, starts[1:] + [positions.shape[0]]):
-            out[row, :, start:end] = torch.nn.functional.scaled_dot_product_attention(
+        segments = [
+            torch.nn.functional.scaled_dot_product_attention(
                 query[row : row + 1, :, start:end],
                 key[row : row + 1, :, start:end],
                 value[row : row + 1, :, start:end],
@@ -82,8 +82,13 @@ def packed_sdpa_attention(
                 scale=scaling,
                 enable_gqa=True,
                 dropout_p=dropout if module.training else 0.0,
-            )[0]
-    return out.transpose(1, 2).contiguous(), None
+            ).transpose(1, 2)  # [1, n_i, heads, head_dim]
+            for start, end in zip(starts, starts[1:] + [positions.shape[0]])
+        ]
+        rows.append(torch.cat(segments, dim=1))
+    # One concatenation writes the output (its backward only slices), instead of a copy into a preallocated
+    # tensor per segment, which autograd undoes with a zero-fill and a copy per segment.
+    return torch.cat(rows), None
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
