@@ -270,14 +270,14 @@ def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int
     rows = [0, 0, 0, 0]
     scene = dict.fromkeys((f"cell{i}" for i in range(16)), 0)
     cells = ["empty"] * 16
-    for shape in sorted(shapes, key=lambda shape: _shape_cell(shape, 4, image_size)):
-        index = _shape_cell(shape, 4, image_size)
+    answer = 0
+    for index, shape in sorted(((_shape_cell(shape, 4, image_size), shape) for shape in shapes), key=lambda p: p[0]):
         scene[f"cell{index}"] = _shape_class(shape)
         cells[index] = f"{shape.colour} {shape.kind}"
         if (shape.kind, shape.colour) == (kind, colour):
             rows[index // 4] += 1
-            cells[index] += f" ({sum(rows)})"  # the running count: each step looks at one cell
-    answer = sum(rows)
+            answer += 1
+            cells[index] += f" ({answer})"  # the running count, in cell order: each step looks at one cell
     name = f"{colour} {kind}s"
     steps = [f"Plan: keep only the {name}, ignoring other colours and other shapes, and count them cell by cell."]
     if slip:
@@ -285,9 +285,10 @@ def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int
         steps.append(
             f"At first glance I counted {answer - 1}, but looking again at the {ROW_NAMES[row]} row there is one more."
         )
-    row_texts = [", ".join(cells[4 * r : 4 * r + 4]) for r in range(4)]
-    row_texts = ["empty" if text == "empty, empty, empty, empty" else text for text in row_texts]
-    steps.append(" ".join(f"{ROW_NAMES[r].capitalize()} row: {text}." for r, text in enumerate(row_texts)))
+    row_texts = [
+        "empty" if row == ["empty"] * 4 else ", ".join(row) for row in (cells[r : r + 4] for r in range(0, 16, 4))
+    ]
+    steps.append(" ".join(f"{row_name.capitalize()} row: {text}." for row_name, text in zip(ROW_NAMES, row_texts)))
     in_all = "there is 1 shape" if len(shapes) == 1 else f"there are {len(shapes)} shapes"
     steps.append(f"That makes {answer} {name if answer != 1 else name[:-1]}, and {in_all} in all.")
     others = len(shapes) - answer
@@ -611,7 +612,8 @@ def generate(
 
 def write_dataset(examples: Sequence[Example], out_dir: str | Path) -> Path:
     """Write `out_dir/data.jsonl` (one JSON object per example: id, problem, answer, images, reasoning, task,
-    difficulty, choices, and scene where the example has one) and the images as `out_dir/images/<id>_<k>.png`, referenced by relative path.
+    difficulty, choices, and scene where the example has one) and the images as `out_dir/images/<id>_<k>.png`,
+    referenced by relative path.
 
     Returns `out_dir`; `data.loaders.load_examples(out_dir)` and
     `datasets.load_dataset("json", data_files=str(out_dir / "data.jsonl"))` read it back."""

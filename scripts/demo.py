@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--train-vision",
         action="store_true",
-        help="also train the vision encoder and projector during SFT and RL; by default they stay fixed, see docs/findings.md",
+        help="also train the vision encoder and projector during SFT and RL (by default they stay fixed: "
+        "docs/findings.md)",
     )
     args = parser.parse_args(argv)
     try:

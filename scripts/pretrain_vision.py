@@ -173,8 +173,8 @@ def align_language_model(
     reading the image tokens is learned from short, focused examples before long-CoT SFT, where it is two tokens
     among a hundred. With `text_batch_size`, every batch also holds that many text-only problems with their worked
     computation (`generate(form="text")`: sums, differences, look-ups), standing in for the arithmetic a pretrained
-    language model brings. Returns the held-out share of observations read exactly (every token right, teacher-forced) per
-    task family before and after, the final loss and the seconds taken."""
+    language model brings. Returns the held-out share of observations read exactly (every token right,
+    teacher-forced) per task family before and after, the final loss and the seconds taken."""
     from trainers.sft import ChatSFTDataset, MultimodalCollator
 
     start = time.time()

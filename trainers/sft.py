@@ -69,11 +69,12 @@ def packed_sdpa_attention(
     `[rows, heads, length, head_dim]`; returns `[rows, length, heads, head_dim]`."""
     if position_ids is None or attention_mask is not None:
         raise ValueError(f"{PACKED_ATTENTION} needs packed batches (position_ids, no attention mask)")
-    position_ids = position_ids.expand(query.shape[0], -1)
-    rows = []
+    rows, _, length, _ = query.shape
+    position_ids = position_ids.expand(rows, -1)
+    segments = []
     for row, positions in enumerate(position_ids):
         starts = [0] + ((positions[1:] - positions[:-1]) != 1).nonzero().flatten().add(1).tolist()
-        segments = [
+        segments += [
             torch.nn.functional.scaled_dot_product_attention(
                 query[row : row + 1, :, start:end],
                 key[row : row + 1, :, start:end],
@@ -83,12 +84,11 @@ def packed_sdpa_attention(
                 enable_gqa=True,
                 dropout_p=dropout if module.training else 0.0,
             ).transpose(1, 2)  # [1, n_i, heads, head_dim]
-            for start, end in zip(starts, starts[1:] + [positions.shape[0]])
+            for start, end in zip(starts, starts[1:] + [length])
         ]
-        rows.append(torch.cat(segments, dim=1))
-    # One concatenation writes the output (its backward only slices), instead of a copy into a preallocated
+    # One concatenation writes the whole output (its backward only slices), instead of a copy into a preallocated
     # tensor per segment, which autograd undoes with a zero-fill and a copy per segment.
-    return torch.cat(rows), None
+    return torch.cat(segments, dim=1).view(rows, length, *segments[0].shape[2:]), None
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
