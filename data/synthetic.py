@@ -52,6 +52,7 @@ SLIP_RATE = 0.2  # share of examples whose reasoning corrects a slip
 FORMS = ("long", "short", "text", "observe")
 MAX_BAR = 8  # bar values are 1..MAX_BAR, one gridline per unit
 ROW_NAMES = ("top", "second", "third", "bottom")  # rows of the 4 x 4 layout of count_shapes
+CELL_NAMES = "ABCDEFGHIJKLMNOP"  # the 16 cells of that layout, in reading order
 MAX_ANGLE = 180
 # Scene annotations (`Example.scene`): slot name -> number of classes. Class 0 means "nothing there", except for
 # bar_colour (the COLOURS index); a shape's class is 1 + 4 * SHAPES index + COLOURS index.
@@ -277,17 +278,23 @@ def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int
         if (shape.kind, shape.colour) == (kind, colour):
             rows[index // 4] += 1
             answer += 1
-            cells[index] += f" ({answer})"  # the running count, in cell order: each step looks at one cell
+            # The running count, in cell order, comes right after the cell's name: where the model has just looked
+            # the cell up, so the check against the asked shape needs no second look (docs/findings.md).
+            cells[index] = f"({answer}) {cells[index]}"
+    # Each cell is named by a letter (A-P, reading order) before what it holds: the name is what an attention head
+    # can match against the image token's position embedding, so reading a cell is a lookup, not a count of commas.
+    cells = [f"{name} {cell}" for name, cell in zip(CELL_NAMES, cells)]
     name = f"{colour} {kind}s"
-    steps = [f"Plan: keep only the {name}, ignoring other colours and other shapes, and count them cell by cell."]
+    steps = [
+        f"Plan: keep only the {name}, ignoring other colours and other shapes, and count them cell by cell"
+        " (cells A to P in reading order)."
+    ]
     if slip:
         row = rng.choice([r for r, n in enumerate(rows) if n])
         steps.append(
             f"At first glance I counted {answer - 1}, but looking again at the {ROW_NAMES[row]} row there is one more."
         )
-    row_texts = [
-        "empty" if row == ["empty"] * 4 else ", ".join(row) for row in (cells[r : r + 4] for r in range(0, 16, 4))
-    ]
+    row_texts = [", ".join(cells[r : r + 4]) for r in range(0, 16, 4)]
     steps.append(" ".join(f"{row_name.capitalize()} row: {text}." for row_name, text in zip(ROW_NAMES, row_texts)))
     in_all = "there is 1 shape" if len(shapes) == 1 else f"there are {len(shapes)} shapes"
     steps.append(f"That makes {answer} {name if answer != 1 else name[:-1]}, and {in_all} in all.")

@@ -58,6 +58,9 @@ class KimiMMConfig(PreTrainedConfig):
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
     projector_layer_norm_eps: float = 1e-5
+    # Side of a square grid of learned position embeddings added to the projected image tokens (interpolated to
+    # each image's token grid); 0 disables it.
+    projector_position_embeddings: int = 0
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -80,6 +83,8 @@ class KimiMMConfig(PreTrainedConfig):
 
         if self.merge_size < 1:
             raise ValueError(f"merge_size must be >= 1, got {self.merge_size}")
+        if self.projector_position_embeddings < 0:
+            raise ValueError(f"projector_position_embeddings must be >= 0, got {self.projector_position_embeddings}")
         # Models whose checkpoints tie embeddings record it in their own config.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True

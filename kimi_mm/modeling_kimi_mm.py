@@ -5,6 +5,7 @@ Image tensors use the flattened-patch layout that vLLM's Transformers backend sp
 in row-major order), and `image_grid_thw` is `[num_images, 3]` holding `(1, patch_rows, patch_cols)`.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -213,6 +214,22 @@ class KimiMMPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
+def interpolated_grid(weight: torch.Tensor, sizes: list[list[int]]) -> torch.Tensor:
+    """A learned square grid of embeddings (`weight`: `[n * n, D]`, row-major), bicubic-interpolated to each
+    `(rows, cols)` in `sizes` and flattened row-major: `[sum(rows * cols), D]`."""
+    n = math.isqrt(weight.shape[0])
+    grid = weight.reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+    out = []
+    for h, w in sizes:
+        resized = (
+            grid
+            if (h, w) == (n, n)
+            else F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(grid.dtype)
+        )
+        out.append(resized[0].flatten(1).transpose(0, 1))
+    return torch.cat(out)
+
+
 class KimiMMVisionModel(KimiMMPreTrainedModel):
     """Patch embedding → (+ interpolated absolute positions) → pre-norm transformer with 2D RoPE → final norm."""
 
@@ -234,17 +251,7 @@ class KimiMMVisionModel(KimiMMPreTrainedModel):
 
     def absolute_position_embeddings(self, grid_thw: torch.Tensor) -> torch.Tensor:
         """The learned `n x n` grid, bicubic-interpolated to each image's patch grid: `[total_patches, hidden]`."""
-        n = self.config.num_position_embeddings
-        grid = self.position_embedding.weight.reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
-        out = []
-        for _, h, w in grid_thw.tolist():
-            resized = (
-                grid
-                if (h, w) == (n, n)
-                else F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(grid.dtype)
-            )
-            out.append(resized[0].flatten(1).transpose(0, 1))
-        return torch.cat(out)
+        return interpolated_grid(self.position_embedding.weight, grid_thw[:, 1:].tolist())
 
     @can_return_tuple
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, **kwargs) -> BaseModelOutput:
@@ -281,7 +288,8 @@ def pixel_shuffle(features: torch.Tensor, grid_thw: torch.Tensor, merge_size: in
 
 
 class KimiMMMultiModalProjector(nn.Module):
-    """2x2 pixel shuffle → LayerNorm → Linear → GELU → Linear into the LLM width."""
+    """2x2 pixel shuffle → LayerNorm → Linear → GELU → Linear into the LLM width (+ an optional learned grid of
+    position embeddings, interpolated to each image's token grid, so the LLM can tell which token is where)."""
 
     def __init__(self, config: KimiMMConfig):
         super().__init__()
@@ -292,10 +300,17 @@ class KimiMMMultiModalProjector(nn.Module):
         self.linear_1 = nn.Linear(in_dim, out_dim, bias=config.projector_bias)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(out_dim, out_dim, bias=config.projector_bias)
+        n = config.projector_position_embeddings
+        self.position_embedding = nn.Embedding(n * n, out_dim) if n > 0 else None
 
     def forward(self, image_features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         merged = pixel_shuffle(image_features, grid_thw, self.merge_size)
-        return self.linear_2(self.act(self.linear_1(self.layer_norm(merged))))
+        tokens = self.linear_2(self.act(self.linear_1(self.layer_norm(merged))))
+        if self.position_embedding is not None:
+            tokens = tokens + interpolated_grid(
+                self.position_embedding.weight, (grid_thw[:, 1:] // self.merge_size).tolist()
+            )
+        return tokens
 
 
 class KimiMMModel(KimiMMPreTrainedModel):

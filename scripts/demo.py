@@ -8,7 +8,7 @@
     processor) → reload the final one with AutoModelForImageTextToText and answer one image question.
 
     python -m scripts.demo [--out outputs/demo] [--train 1200] [--test 200] [--epochs 12] [--vision-steps 800]
-                           [--align-steps 0] [--rl-iterations 12] [--long2short-epochs 4] [--long2short-iterations 6]
+                           [--align-steps 300] [--rl-iterations 12] [--long2short-epochs 4] [--long2short-iterations 6]
 
 Writes `OUT/report.md` with the numbers and PNG plots (SFT loss curve, RL curves, accuracy per task family, token
 efficiency) and prints a one-line summary.
@@ -131,10 +131,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--align-steps",
         type=int,
-        default=0,
+        default=300,
         help="steps of image-description training of the language model before SFT (32 fresh images each; 0: none)",
     )
     parser.add_argument("--align-batch", type=int, default=32, help="image descriptions per step")
+    parser.add_argument(
+        "--align-tasks",
+        default="count_shapes",
+        help="comma-separated task families to describe in that stage ('all': every family)",
+    )
     parser.add_argument("--align-text-batch", type=int, default=0, help="text-only worked problems per step")
     parser.add_argument(
         "--train-vision",
@@ -184,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
             difficulty_weights=weights,
             batch_size=args.align_batch,
             text_batch_size=args.align_text_batch,
+            tasks=None if args.align_tasks == "all" else args.align_tasks.split(","),
         )
     if args.vision_steps or args.align_steps:
         model.save_pretrained(base)  # the base checkpoint: pretrained vision side, language model aligned to it

@@ -75,6 +75,7 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, text_model_type: str = "qwen
         vision_config=vision_config,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         merge_size=2,
+        projector_position_embeddings=4,  # one per token of a 112 x 112 image, the synthetic tasks' size
     )
 
 
@@ -84,6 +85,8 @@ def make_tiny(out: str | Path, seed: int = 0, text_model_type: str = "qwen2", si
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
     model = KimiMMForConditionalGeneration(tiny_config(tokenizer, text_model_type, size)).eval()
+    with torch.no_grad():  # the position grid at the projected tokens' scale (norm ~1), not the default 0.02
+        model.model.multi_modal_projector.position_embedding.weight.normal_(std=0.1)
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id], pad_token_id=tokenizer.pad_token_id
     )

@@ -61,6 +61,16 @@ class SceneReadout(nn.Module):
         return [classifier(pooled[:, i]) for i, classifier in enumerate(self.classifiers)]
 
 
+def vision_parameters(model) -> list[nn.Parameter]:
+    """The encoder's and projector's weights, without the projector's grid of position embeddings
+    (`projector_position_embeddings`). The grid is a code for "which token is where" meant for the language model:
+    vision pretraining leaves it as initialised (the readout brings its own position keys), the image-description
+    stage trains it together with the language model (docs/findings.md)."""
+    projector = model.model.multi_modal_projector
+    grid = projector.position_embedding.weight if projector.position_embedding is not None else None
+    return [p for p in [*model.model.vision_tower.parameters(), *projector.parameters()] if p is not grid]
+
+
 def image_tokens(model, image_processor, images) -> tuple[torch.Tensor, torch.Tensor]:
     """The projected tokens of each image, padded: `[B, T, D]` and the padding mask `[B, T]`."""
     inputs = image_processor(images=images, return_tensors="pt")
@@ -127,7 +137,7 @@ def pretrain_vision(
     torch.manual_seed(seed)
     dim = model.config.text_config.hidden_size
     head = SceneReadout(dim)
-    vision = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
+    vision = vision_parameters(model)
     was_training = model.training
     model.train()
     test = generate(held_out, seed + 999_983, image_size=image_size, difficulty_weights=difficulty_weights)
@@ -179,7 +189,7 @@ def align_language_model(
 
     start = time.time()
     torch.manual_seed(seed)
-    vision = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
+    vision = vision_parameters(model)  # fixed here; the projector's position grid trains with the language model
     fixed = set(map(id, vision))
     trained = [p for p in model.parameters() if id(p) not in fixed]
     frozen = [p.requires_grad for p in vision]

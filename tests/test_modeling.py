@@ -190,3 +190,19 @@ def test_absolute_position_grid_is_used_as_is_at_its_native_size(tiny_model):
     torch.testing.assert_close(native, tower.position_embedding.weight)
     resized = tower.absolute_position_embeddings(torch.tensor([[1, 4, 6]]))
     assert resized.shape == (24, tower.config.hidden_size)
+
+
+def test_projector_position_grid_tells_identical_tokens_apart(tiny_model):
+    """The projector's grid (`projector_position_embeddings`) is added per token: identical patch features give
+    tokens that differ by exactly the grid at its native size, and still differ when it is interpolated."""
+    projector = tiny_model.model.multi_modal_projector
+    n, m = tiny_model.config.projector_position_embeddings, tiny_model.config.merge_size
+    grid = projector.position_embedding.weight
+    assert n > 0 and grid.shape == (n * n, tiny_model.config.text_config.hidden_size)
+    features = torch.zeros((n * m) ** 2, tiny_model.config.vision_config.hidden_size)
+    with torch.no_grad():
+        native = projector(features, torch.tensor([[1, n * m, n * m]]))
+        torch.testing.assert_close(native - native[0], grid - grid[0])
+        resized = projector(features[: 2 * m * 3 * m], torch.tensor([[1, 2 * m, 3 * m]]))
+    assert resized.shape == (6, grid.shape[1])
+    assert all(not torch.allclose(resized[i], resized[j]) for i in range(6) for j in range(i))
