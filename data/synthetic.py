@@ -296,8 +296,7 @@ def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int
         )
     row_texts = [", ".join(cells[r : r + 4]) for r in range(0, 16, 4)]
     steps.append(" ".join(f"{row_name.capitalize()} row: {text}." for row_name, text in zip(ROW_NAMES, row_texts)))
-    in_all = "there is 1 shape" if len(shapes) == 1 else f"there are {len(shapes)} shapes"
-    steps.append(f"That makes {answer} {name if answer != 1 else name[:-1]}, and {in_all} in all.")
+    steps.append(f"That makes {answer} {name if answer != 1 else name[:-1]}.")
     others = len(shapes) - answer
     if others:
         rest = "the other shape is not" if others == 1 else f"none of the other {others} shapes is"

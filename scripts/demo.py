@@ -8,7 +8,7 @@
     processor) → reload the final one with AutoModelForImageTextToText and answer one image question.
 
     python -m scripts.demo [--out outputs/demo] [--train 1200] [--test 200] [--epochs 12] [--vision-steps 800]
-                           [--align-steps 300] [--rl-iterations 12] [--long2short-epochs 4] [--long2short-iterations 6]
+                           [--align-steps 400] [--rl-iterations 12] [--long2short-epochs 4] [--long2short-iterations 6]
 
 Writes `OUT/report.md` with the numbers and PNG plots (SFT loss curve, RL curves, accuracy per task family, token
 efficiency) and prints a one-line summary.
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--align-steps",
         type=int,
-        default=300,
+        default=400,
         help="steps of image-description training of the language model before SFT (32 fresh images each; 0: none)",
     )
     parser.add_argument("--align-batch", type=int, default=32, help="image descriptions per step")

@@ -157,6 +157,7 @@ def build_card(
         vision_width=vision.get("hidden_size"),
         patch_size=vision.get("patch_size", 14),
         merge_size=config.get("merge_size", 2),
+        position_grid=config.get("projector_position_embeddings", 0),
         min_pixels=processor.get("min_pixels"),
         max_pixels=processor.get("max_pixels"),
         think_start=processor.get("think_start", "<think>"),
