@@ -154,6 +154,7 @@ def pretrain_vision(
         torch.nn.utils.clip_grad_norm_(vision + list(head.parameters()), 1.0)
         optimizer.step()
         schedule.step()
+    model.zero_grad(set_to_none=True)  # the position grid, outside the optimizer, collected gradients too
     model.train(was_training)
     return {
         "slot_accuracy_before": before,

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from scripts.pretrain_vision import align_language_model, main, readout_loss
+from scripts.pretrain_vision import align_language_model, main, pretrain_vision, readout_loss
 
 
 def test_readout_loss_counts_only_labelled_slots():
@@ -60,3 +60,12 @@ def test_image_description_trains_the_llm_only_and_restores_the_model(tiny_dir):
         grid = name == "model.multi_modal_projector.position_embedding.weight"  # trained with the language model
         assert torch.equal(p, before[name]) == (vision and not grid), name
         assert p.requires_grad == flags[name], name
+
+
+def test_pretraining_leaves_no_gradients_behind(tiny_dir):
+    """The projector's position grid is outside the optimizer but in the graph: its gradients must not linger into
+    the next stage."""
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    pretrain_vision(model, processor.image_processor, steps=2, batch_size=4, held_out=10)
+    assert [name for name, p in model.named_parameters() if p.grad is not None] == []
