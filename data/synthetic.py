@@ -274,20 +274,21 @@ def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int
     answer = 0
     for index, shape in sorted(((_shape_cell(shape, 4, image_size), shape) for shape in shapes), key=lambda p: p[0]):
         scene[f"cell{index}"] = _shape_class(shape)
-        cells[index] = f"{shape.colour} {shape.kind}"
+        # Each attribute is checked against the asked one where it is written (+ it is, - it is not), so that the
+        # count needs only the two marks just before it, not a comparison of both attributes at once
+        # (docs/findings.md).
+        cells[index] = f"{shape.colour}{_check(shape.colour == colour)} {shape.kind}{_check(shape.kind == kind)}"
         if (shape.kind, shape.colour) == (kind, colour):
             rows[index // 4] += 1
             answer += 1
-            # The running count, in cell order, comes right after the cell's name: where the model has just looked
-            # the cell up, so the check against the asked shape needs no second look (docs/findings.md).
-            cells[index] = f"({answer}) {cells[index]}"
+            cells[index] += f" ({answer})"
     # Each cell is named by a letter (A-P, reading order) before what it holds: the name is what an attention head
     # can match against the image token's position embedding, so reading a cell is a lookup, not a count of commas.
     cells = [f"{name} {cell}" for name, cell in zip(CELL_NAMES, cells)]
     name = f"{colour} {kind}s"
     steps = [
-        f"Plan: keep only the {name}, ignoring other colours and other shapes, and count them cell by cell"
-        " (cells A to P in reading order)."
+        f"Plan: count the {name} cell by cell (A to P in reading order), marking each colour and shape + if it is"
+        " the asked one, - if not."
     ]
     if slip:
         row = rng.choice([r for r, n in enumerate(rows) if n])
@@ -295,8 +296,10 @@ def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int
             f"At first glance I counted {answer - 1}, but looking again at the {ROW_NAMES[row]} row there is one more."
         )
     row_texts = [", ".join(cells[r : r + 4]) for r in range(0, 16, 4)]
-    steps.append(" ".join(f"{row_name.capitalize()} row: {text}." for row_name, text in zip(ROW_NAMES, row_texts)))
-    steps.append(f"That makes {answer} {name if answer != 1 else name[:-1]}.")
+    # The total closes the observation (and so is in the image-description data): copying the last number is a
+    # look-up of its own that the SFT data alone taught poorly (docs/findings.md).
+    listing = " ".join(f"{row_name.capitalize()} row: {text}." for row_name, text in zip(ROW_NAMES, row_texts))
+    steps.append(f"{listing} That makes {answer} {name if answer != 1 else name[:-1]}.")
     others = len(shapes) - answer
     if others:
         rest = "the other shape is not" if others == 1 else f"none of the other {others} shapes is"
@@ -571,7 +574,8 @@ def generate(
     short_rate: float = 0.0,
     form: str = "long",
 ) -> list[Example]:
-    """`n` examples cycling through `tasks` (all families by default), with in-memory PIL images.
+    """`n` examples cycling through `tasks` (all families by default; a family listed twice comes twice as often),
+    with in-memory PIL images.
 
     `difficulty_weights` (five relative weights, for difficulties 1..5) skews the mix, e.g. towards easy examples
     for a small model; by default every family draws its difficulties uniformly.
@@ -707,6 +711,11 @@ def _label_cell(label: Label, image_size: int) -> int:
 def _shape_class(shape: Shape) -> int:
     """A shape's class in the scene annotations (`SCENE_SLOTS`)."""
     return 1 + len(COLOURS) * SHAPES.index(shape.kind) + list(COLOURS).index(shape.colour)
+
+
+def _check(same: bool) -> str:
+    """The mark after an attribute checked against the asked one."""
+    return "+" if same else "-"
 
 
 def _join(items: Sequence) -> str:

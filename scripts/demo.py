@@ -8,7 +8,7 @@
     processor) → reload the final one with AutoModelForImageTextToText and answer one image question.
 
     python -m scripts.demo [--out outputs/demo] [--train 1200] [--test 200] [--epochs 12] [--vision-steps 800]
-                           [--align-steps 400] [--rl-iterations 12] [--long2short-epochs 4] [--long2short-iterations 6]
+                           [--align-steps 500] [--rl-iterations 12] [--long2short-epochs 4] [--long2short-iterations 6]
 
 Writes `OUT/report.md` with the numbers and PNG plots (SFT loss curve, RL curves, accuracy per task family, token
 efficiency) and prints a one-line summary.
@@ -131,14 +131,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--align-steps",
         type=int,
-        default=400,
+        default=500,
         help="steps of image-description training of the language model before SFT (32 fresh images each; 0: none)",
     )
     parser.add_argument("--align-batch", type=int, default=32, help="image descriptions per step")
     parser.add_argument(
         "--align-tasks",
-        default="count_shapes",
-        help="comma-separated task families to describe in that stage ('all': every family)",
+        default="count_shapes,count_shapes,bar_chart",
+        help="comma-separated task families to describe in that stage, a family named twice getting twice the images "
+        "('all': every family once)",
     )
     parser.add_argument("--align-text-batch", type=int, default=0, help="text-only worked problems per step")
     parser.add_argument(
@@ -292,7 +293,7 @@ def shorten(model, processor, engine: RolloutEngine, problems, test, out: Path, 
     """The long2short stage (k1.5 §2.4), from `model` (served by `engine`): shortest rejection sampling (8 samples
     per problem, the shortest correct one kept) and `--long2short-epochs` of SFT on what it kept, then
     `--long2short-iterations` of RL with the k1.5 length penalty on from the first iteration and the maximum rollout
-    length cut to 112 tokens (configs/long2short_rl.yaml does the same for trainers/rl.py). Each part is
+    length cut to 128 tokens (configs/long2short_rl.yaml does the same for trainers/rl.py). Each part is
     evaluated on `test` into `stages`; the result is saved to OUT/long2short_final (the final checkpoint stays the
     long-CoT one). Returns the sampling stats."""
     stats = write_long2short_data(engine, problems, out / "data" / "long2short", n=8, max_tokens=224, temperature=1.0)
@@ -318,7 +319,7 @@ def shorten(model, processor, engine: RolloutEngine, problems, test, out: Path, 
             learning_rate=args.long2short_rl_lr,
             length_penalty_weight=0.5,
             length_penalty_start=0,
-            max_response_length=112,  # cut from 224: long-form answers to the longer problems no longer finish
+            max_response_length=128,  # cut from 224: long-form answers to the longer problems no longer finish
             rollout_budget=0,
         )
         stages["long2short RL"] = evaluate(engine, test)
@@ -421,7 +422,7 @@ From the model {long} (k1.5 §2.4): shortest rejection sampling, 8 samples per p
 problems with the shortest correct one kept ({sampling["kept"]} kept, {sampling["no_correct"]} with no correct sample;
 mean tokens of the correct samples {sampling["mean_tokens_correct"]:.1f}, of the kept ones {sampling["mean_tokens_kept"]:.1f}),
 {s["long2short_epochs"]:g} epochs of SFT on them, then {s["long2short_iterations"]} iterations of RL with the k1.5 length
-penalty from the first iteration and the maximum rollout length cut from 224 to 112 tokens. {s["short_rate"]:.0%} of the
+penalty from the first iteration and the maximum rollout length cut from 224 to 128 tokens. {s["short_rate"]:.0%} of the
 long-CoT SFT examples had short-form reasoning, so the model's samples vary in length. Held-out ({short}): accuracy {stages[long]["accuracy"]:.1%} → {stages[short]["accuracy"]:.1%},
 mean response tokens {stages[long]["mean_tokens"]:.1f} → {stages[short]["mean_tokens"]:.1f} ({change:+.0%}). Checkpoint:
 `long2short_final`.

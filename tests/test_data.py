@@ -233,6 +233,9 @@ def test_tasks_are_balanced_and_ids_unique():
     assert Counter(e.task for e in examples) == {t: 3 if i < 2 else 2 for i, t in enumerate(TASKS)}
     assert len({e.id for e in examples}) == 12
     assert {e.task for e in generate(4, seed=0, tasks=["bar_chart", "colour_choice"])} == {"bar_chart", "colour_choice"}
+    weighted = generate(9, seed=0, tasks=["count_shapes", "count_shapes", "bar_chart"])  # a family named twice
+    assert Counter(e.task for e in weighted) == {"count_shapes": 6, "bar_chart": 3}
+    assert len({e.id for e in weighted}) == 9
     with pytest.raises(ValueError, match="count_circles"):
         generate(2, seed=0, tasks=["count_circles"])
     with pytest.raises(ValueError, match="image_size 32"):
@@ -338,8 +341,8 @@ def test_answer_formats(examples):
 
 
 def test_count_reasoning_reads_every_cell_with_a_running_count():
-    """count_shapes reasons cell by cell: each row's four cells, named A to P, as the scene has them, the asked
-    shapes numbered."""
+    """count_shapes reasons cell by cell: each row's four cells, named A to P, as the scene has them, each colour and
+    shape checked against the asked one, the asked shapes numbered."""
     for example in generate(40, seed=5, tasks=["count_shapes"], difficulty_weights=[1, 1, 1, 1, 1]):
         colour, kind = re.fullmatch(r"How many (\w+) (\w+)s are there in the image\?", example.problem).groups()
         rows = re.findall(r"(?:Top|Second|Third|Bottom) row: ([^.]*)\.", example.reasoning)
@@ -352,10 +355,12 @@ def test_count_reasoning_reads_every_cell_with_a_running_count():
             if label == 0:
                 assert cell == f"{name} empty", (example.id, index)
                 continue
-            shape = f"{list(COLOURS)[(label - 1) % 4]} {SHAPES[(label - 1) // 4]}"
-            if shape == f"{colour} {kind}":
+            shape_colour, shape_kind = list(COLOURS)[(label - 1) % 4], SHAPES[(label - 1) // 4]
+            # each attribute marked + when it is the asked one, - when not; the count after two +
+            shape = f"{shape_colour}{'+-'[shape_colour != colour]} {shape_kind}{'+-'[shape_kind != kind]}"
+            if (shape_colour, shape_kind) == (colour, kind):
                 counted += 1
-                shape = f"({counted}) {shape}"
+                shape += f" ({counted})"
             assert cell == f"{name} {shape}", (example.id, index, cell, shape)
         assert str(counted) == example.answer == recount_shapes(example)
 
