@@ -16,6 +16,7 @@ from trainers.sft import (
     MultimodalCollator,
     SFTConfig,
     SFTTrainer,
+    packed_attention,
 )
 
 from .conftest import ROOT, shapes_image
@@ -272,3 +273,25 @@ def test_per_example_attention_matches_the_masked_path(dataset, processor, tiny_
             torch.testing.assert_close(param.grad, other.grad, atol=1e-5, rtol=1e-4, msg=name)
             compared += name.startswith("model.language_model.layers.")
     assert compared > 0
+
+
+def test_packed_attention_matches_the_block_mask_and_restores_the_kernel(tiny_model):
+    """The per-example kernel gives the logits of transformers' block-diagonal mask for a packed row (the RL trainer
+    runs its packed forwards under it too), and the model's own kernel comes back, after an error as well."""
+    lengths = [5, 9, 3]
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, tiny_model.config.text_config.vocab_size, (1, sum(lengths)), generator=generator)
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    with torch.no_grad():
+        masked = tiny_model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        with packed_attention(tiny_model):
+            assert tiny_model.config.text_config._attn_implementation == PACKED_ATTENTION
+            packed = tiny_model(input_ids=ids, position_ids=positions, use_cache=False).logits
+    torch.testing.assert_close(packed, masked, atol=1e-5, rtol=1e-5)
+    # each example on its own gives the same logits: nothing leaks across the packed examples
+    alone = tiny_model(input_ids=ids[:, 5:14], use_cache=False).logits
+    torch.testing.assert_close(packed[:, 5:14], alone, atol=1e-5, rtol=1e-5)
+    assert tiny_model.config.text_config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError, match="boom"), packed_attention(tiny_model):
+        raise RuntimeError("boom")
+    assert tiny_model.config.text_config._attn_implementation == "sdpa"

@@ -44,6 +44,7 @@ from trainers import cli, losses
 from trainers.partial_rollout import REPETITION, Group, ReplayBuffer, RolloutSettings, Sample, collect
 from trainers.rewards import RewardRunner, length_penalty, length_penalty_weight
 from trainers.sampling import ProblemSampler
+from trainers.sft import packed_attention
 
 logger = logging.getLogger(__name__)
 ALGORITHMS = ("mirror_descent", "grpo")
@@ -406,8 +407,24 @@ class RLTrainer(Trainer):
             for s in range(args.steps_per_iteration)
         ]
         needs_pre_pass = args.steps_per_iteration > 1
-        if needs_pre_pass or frozen is not None:
-            self._pre_pass(items, model, frozen, needs_pre_pass)
+        # Items are packed into rows of up to max_tokens_per_microbatch tokens: attention per item, not per row.
+        kernels = packed_attention(self.accelerator.unwrap_model(model), *([frozen] if frozen is not None else []))
+        with kernels:
+            if needs_pre_pass or frozen is not None:
+                self._pre_pass(items, model, frozen, needs_pre_pass)
+            loss_sum, diffs = self._steps(model, steps, items, needs_pre_pass)
+        if needs_pre_pass:
+            diffs = [d for item in items for d in _item_diff(item)]
+        return {
+            "loss": loss_sum / max(len(items), 1),
+            "trained_samples": len(items),
+            "logprob_diff": float(np.mean(diffs)) if diffs else None,
+        }
+
+    def _steps(self, model, steps: list[list[TrainItem]], items: list[TrainItem], needs_pre_pass: bool):
+        """One optimizer step per entry of `steps`; returns the summed loss terms and, when the first forward ran
+        on π_θi itself, the log-prob differences to the rollout engine's."""
+        args = self.args
         loss_sum, diffs = 0.0, []
         model.train()
         for step_items in steps:
@@ -428,13 +445,7 @@ class RLTrainer(Trainer):
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.state.global_step += 1
-        if needs_pre_pass:
-            diffs = [d for item in items for d in _item_diff(item)]
-        return {
-            "loss": loss_sum / max(len(items), 1),
-            "trained_samples": len(items),
-            "logprob_diff": float(np.mean(diffs)) if diffs else None,
-        }
+        return loss_sum, diffs
 
     @torch.no_grad()
     def _pre_pass(self, items, model, frozen, old: bool) -> None:

@@ -12,6 +12,7 @@ examples and no compute is spent on padding.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections import Counter
@@ -93,6 +94,26 @@ def packed_sdpa_attention(
 
 AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
 AttentionMaskInterface.register(PACKED_ATTENTION, lambda *args, **kwargs: None)  # segments come from position_ids
+
+
+@contextlib.contextmanager
+def packed_attention(*models):
+    """Within the block, the language model of each of `models` (plain, PEFT-wrapped or accelerate-unwrapped) that
+    runs sdpa or eager attention runs `kimi_mm_packed_sdpa`: packed rows then cost the sum of n_i^2 instead of a
+    row_length^2 block-diagonal mask. Its own kernel comes back afterwards, for generation and padded batches.
+    flash-attention kernels take the packed segments from `position_ids` themselves and stay as they are."""
+    switched = []
+    try:
+        for model in models:
+            language = (model.get_base_model() if hasattr(model, "get_base_model") else model).model.language_model
+            kernel = language.config._attn_implementation
+            if kernel in ("sdpa", "eager"):
+                language.set_attn_implementation(PACKED_ATTENTION)
+                switched.append((language, kernel))
+        yield
+    finally:
+        for language, kernel in switched:
+            language.set_attn_implementation(kernel)
 
 
 class ChatSFTDataset(Dataset):
@@ -236,15 +257,9 @@ class SFTTrainer(Trainer):
         `kimi_mm_packed_sdpa` meanwhile (attention per packed example: the sum of n_i^2, no row_length^2 mask); its
         own kernel comes back afterwards, for generation and padded batches. flash-attention kernels take the
         packed segments from `position_ids` themselves and stay as they are."""
-        model = self.accelerator.unwrap_model(self.model)
-        language = (model.get_base_model() if hasattr(model, "get_base_model") else model).model.language_model
-        kernel = language.config._attn_implementation
-        if self.args.packing and kernel in ("sdpa", "eager"):
-            language.set_attn_implementation(PACKED_ATTENTION)
-        try:
+        models = [self.accelerator.unwrap_model(self.model)] if self.args.packing else []
+        with packed_attention(*models):
             return super().train(*args, **kwargs)
-        finally:
-            language.set_attn_implementation(kernel)
 
     def compute_loss(self, model, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
         """The Trainer's loss, with the LM head run only on labelled positions in training (the same loss; no logits
