@@ -321,7 +321,9 @@ def make_count_shapes(rng: random.Random, image_size: int = 112, difficulty: int
 def make_digit_arithmetic(
     rng: random.Random, image_size: int = 112, difficulty: int = 1, form: str = "long"
 ) -> Example:
-    """Two or three large digits on one line; their sum, difference, product or product-plus-sum, by difficulty."""
+    """Two or three large digits on one line; their sum, difference, product or product-plus-sum, by difficulty.
+    At levels 1-2 the digits sit centred in their slots on a centred line; from level 3 on, at a random height and
+    offset."""
     count = 2 if difficulty <= 3 else 3
     low = 1 if difficulty in (3, 5) else 0  # no zeros in products
     digits = [rng.randint(low, 9) for _ in range(count)]
@@ -330,10 +332,11 @@ def make_digit_arithmetic(
     scale = max(2, image_size // 22)
     slot = image_size // count
     top = rng.randint(4, image_size - GLYPH_ROWS * scale - 4)  # one line of digits, at a random height
-    labels = [
-        Label(str(digit), slot * i + rng.randint(2, slot - text_width(str(digit), scale) - 2), top, scale)
-        for i, digit in enumerate(digits)
-    ]
+    lefts = [slot * i + rng.randint(2, slot - text_width(str(d), scale) - 2) for i, d in enumerate(digits)]
+    if difficulty <= 2:  # the easy levels: each digit centred in its slot, the line centred (the same image tokens)
+        top = (image_size - GLYPH_ROWS * scale) // 2
+        lefts = [slot * i + (slot - text_width(str(d), scale)) // 2 for i, d in enumerate(digits)]
+    labels = [Label(str(digit), left, top, scale) for digit, left in zip(digits, lefts)]
     slip = rng.random() < SLIP_RATE and form == "long"
 
     a, b = digits[0], digits[1]

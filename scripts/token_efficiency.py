@@ -40,7 +40,8 @@ def evaluate_checkpoint(
     own = not isinstance(checkpoint, RolloutEngine)
     engine = RolloutEngine(checkpoint, max_model_len=max_model_len, **engine_kwargs) if own else checkpoint
     try:
-        groups = sample_groups(engine, examples, n=1, max_tokens=max_tokens, temperature=0.0)
+        # 256 prompts per call: greedy requests are one sequence each, and the engine runs that many at once.
+        groups = sample_groups(engine, examples, n=1, max_tokens=max_tokens, temperature=0.0, batch_size=256)
     finally:
         if own:
             engine.shutdown()
