@@ -741,3 +741,25 @@ def test_is_correct_in_worker_threads():
     # RL reward workers call it from threads, where math-verify's signal-based timeout cannot run.
     with ThreadPoolExecutor(2) as pool:
         assert list(pool.map(is_correct, ["\\sqrt{12}", "x + 2"], ["2\\sqrt{3}", "2 + x"])) == [True, True]
+
+
+def test_easy_digits_sit_in_fixed_places():
+    """Levels 1-2 centre each digit in its half on a centred line (each digit falls on the same image tokens);
+    from level 3 on the line sits at a random height."""
+
+    def ink_rows(example):
+        rows = np.flatnonzero((np.asarray(example.images[0].convert("L")) < 128).any(axis=1))
+        return rows.min(), rows.max()
+
+    easy = generate(20, 3, tasks=["digit_arithmetic"], difficulty_weights=[1, 1, 0, 0, 0])
+    assert {ink_rows(e) for e in easy} == {ink_rows(easy[0])}
+    size = easy[0].images[0].size[0]
+    top, bottom = ink_rows(easy[0])
+    assert abs((top + bottom) / 2 - (size - 1) / 2) <= 1
+    for example in easy:  # the ink of each digit is centred in its half of the image
+        columns = np.flatnonzero((np.asarray(example.images[0].convert("L")) < 128).any(axis=0))
+        for half in (columns[columns < size // 2], columns[columns >= size // 2]):
+            centre = (half.min() + half.max()) / 2 % (size // 2)
+            assert abs(centre - (size // 2 - 1) / 2) <= 3, example.id
+    hard = generate(20, 3, tasks=["digit_arithmetic"], difficulty_weights=[0, 0, 1, 0, 0])
+    assert len({ink_rows(e) for e in hard}) > 1
