@@ -333,7 +333,9 @@ def make_digit_arithmetic(
     slot = image_size // count
     top = rng.randint(4, image_size - GLYPH_ROWS * scale - 4)  # one line of digits, at a random height
     lefts = [slot * i + rng.randint(2, slot - text_width(str(d), scale) - 2) for i, d in enumerate(digits)]
-    if difficulty <= 2:  # the easy levels: each digit centred in its slot, the line centred (the same image tokens)
+    # The easy levels: each digit centred in its slot, the line centred (the same image tokens every time). The
+    # random places above are still drawn, so the rest of the example (the slip) is drawn as at the other levels.
+    if difficulty <= 2:
         top = (image_size - GLYPH_ROWS * scale) // 2
         lefts = [slot * i + (slot - text_width(str(d), scale)) // 2 for i, d in enumerate(digits)]
     labels = [Label(str(digit), left, top, scale) for digit, left in zip(digits, lefts)]

@@ -253,10 +253,7 @@ class SFTTrainer(Trainer):
         )
 
     def train(self, *args, **kwargs):
-        """`Trainer.train`. With packing, a language model that runs sdpa or eager attention runs
-        `kimi_mm_packed_sdpa` meanwhile (attention per packed example: the sum of n_i^2, no row_length^2 mask); its
-        own kernel comes back afterwards, for generation and padded batches. flash-attention kernels take the
-        packed segments from `position_ids` themselves and stay as they are."""
+        """`Trainer.train`, with packing under `packed_attention` (attention per packed example)."""
         models = [self.accelerator.unwrap_model(self.model)] if self.args.packing else []
         with packed_attention(*models):
             return super().train(*args, **kwargs)
