@@ -48,7 +48,7 @@ def metrics(out):
 
 def test_partial_rollouts_checkpoint_and_resume(tiny_dir, problems, tmp_path):
     out = tmp_path / "run"
-    data = ["--model_name_or_path", str(tiny_dir), "--train_data", str(problems)]
+    data = ["--model_name_or_path", str(tiny_dir), "--train_data", str(problems), "--epochs_per_iteration", "2"]
     run([*ARGS, *data, "--num_iterations", "2"], out, launcher=(sys.executable,))
     first = metrics(out)
     assert [m["iteration"] for m in first] == [0, 1]
@@ -73,7 +73,7 @@ def test_partial_rollouts_checkpoint_and_resume(tiny_dir, problems, tmp_path):
     assert resumed["policy_version"] > first[1]["policy_version"]
     assert resumed["train_s"] > 0 and resumed["rollout_s"] > 0 and resumed["sync_s"] > 0
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
-    assert state["iteration"] == 4 and state["global_step"] == 8
+    assert state["iteration"] == 4 and state["global_step"] == 16  # 2 passes x 2 steps per iteration
     assert (out / "checkpoint-4" / "model.safetensors").is_file()
     assert (out / "checkpoint-4" / "preprocessor_config.json").is_file() or (
         out / "checkpoint-4" / "processor_config.json"

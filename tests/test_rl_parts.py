@@ -330,3 +330,30 @@ def test_shipped_rl_configs_parse(name):
             config.max_response_length
             < parse_config(["--config", str(ROOT / "configs" / "rl_tiny.yaml")]).max_response_length
         )
+
+
+def test_step_plan_passes_over_whole_groups_and_uniform_groups_are_left_out():
+    import random
+
+    from trainers.rl import TrainItem, informative_groups, parse_config, plan_steps
+
+    def group(advantages):
+        return [
+            TrainItem(torch.tensor([1]), 1, None, None, torch.ones(1), a, torch.zeros(1), torch.ones(1))
+            for a in advantages
+        ]
+
+    groups = [group([0.5, -0.5]) for _ in range(4)] + [group([0.0, 0.0]), group([0, 0])]
+    kept, skipped = informative_groups(groups)
+    assert skipped == 2 and kept == groups[:4]
+    owner = {id(item): g for g, samples in enumerate(kept) for item in samples}
+    plan = plan_steps(kept, steps=2, epochs=3, rng=random.Random(0))
+    assert len(plan) == 6 and all(len(step) == 4 for step in plan)  # 2 groups of 2 samples per step
+    for epoch in range(3):  # each pass trains every sample once, a group's samples in the same step
+        passed = plan[2 * epoch : 2 * epoch + 2]
+        assert sorted(id(item) for step in passed for item in step) == sorted(owner)
+        for step in passed:
+            assert owner[id(step[0])] == owner[id(step[1])] and owner[id(step[2])] == owner[id(step[3])]
+    assert len({tuple(owner[id(item)] for item in step) for step in plan}) > 2  # each pass is shuffled anew
+    with pytest.raises(ValueError, match="epochs_per_iteration=0 must be at least 1"):
+        parse_config(["--model_name_or_path", "x", "--train_data", "y", "--epochs_per_iteration", "0"])

@@ -9,8 +9,9 @@ One iteration (k1.5 §2.3, §2.6):
     → roll out k samples each through vLLM with a per-iteration token budget; unfinished samples wait in the replay
       buffer and are continued next iteration; looping samples are cut (repetition detection)
     → score the groups whose samples have all finished (verifiable rewards + k1.5 length penalty)
-    → train on them: `steps_per_iteration` optimizer steps, the iteration's policy π_θi as the reference, the
-      optimizer reset at the start of the iteration (both switchable)
+    → train on them: `epochs_per_iteration` passes of `steps_per_iteration` optimizer steps (mini-batches of
+      groups), the iteration's policy π_θi as the reference, the optimizer reset at the start of the iteration
+      (both switchable); optionally only the groups whose rewards differ
     → push the new weights into vLLM in place → log a line to `metrics.jsonl` → checkpoint (atomically).
 
 Every process runs its own engine (colocated, like vLLM's data-parallel rollouts): all processes draw the same
@@ -69,7 +70,15 @@ class RLConfig(TrainingArguments):
     num_iterations: int = field(default=10, metadata={"help": "RL iterations"})
     prompts_per_iteration: int = field(default=16, metadata={"help": "new problems per iteration (all processes)"})
     num_generations: int = field(default=8, metadata={"help": "samples per problem (group size k)"})
-    steps_per_iteration: int = field(default=1, metadata={"help": "optimizer steps on each iteration's groups"})
+    steps_per_iteration: int = field(
+        default=1, metadata={"help": "optimizer steps per pass over each iteration's groups (one mini-batch each)"}
+    )
+    epochs_per_iteration: int = field(
+        default=1, metadata={"help": "passes over each iteration's groups (the τ term keeps later ones near π_θi)"}
+    )
+    skip_uniform_groups: bool = field(
+        default=False, metadata={"help": "train only on groups whose rewards differ (DAPO's dynamic sampling)"}
+    )
     max_response_length: int = field(default=1024, metadata={"help": "longest response in tokens"})
     rollout_budget: int = field(
         default=0, metadata={"help": "partial rollouts: new tokens per sample per iteration (0 = off)"}
@@ -121,6 +130,9 @@ class RLConfig(TrainingArguments):
             raise ValueError(f"rollout_budget={self.rollout_budget} must be in 0..max_response_length")
         if self.num_generations < 2:
             raise ValueError("num_generations must be at least 2 (the baseline is the group's mean reward)")
+        for name in ("steps_per_iteration", "epochs_per_iteration"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
 
 
 @dataclass
@@ -217,7 +229,7 @@ class RLTrainer(Trainer):
             repetition_min_repeats=args.repetition_min_repeats,
             repetition_min_tokens=args.repetition_min_tokens,
         )
-        total_steps = args.num_iterations * args.steps_per_iteration
+        total_steps = args.num_iterations * self._steps_per_iteration
         self.create_optimizer()
         self.create_scheduler(num_training_steps=total_steps, optimizer=self.optimizer)
         self.model_wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
@@ -226,7 +238,7 @@ class RLTrainer(Trainer):
             start = self._load_state(resume, sampler, buffer)
             logger.info("resumed from %s at iteration %d", resume, start)
         self.engine.update_weights(self.model_wrapped)  # the engine serves exactly the weights being trained
-        self.state.global_step = start * args.steps_per_iteration
+        self.state.global_step = start * self._steps_per_iteration
         self.callback_handler.on_train_begin(args, self.state, self.control)
         metrics_path = self.output / "metrics.jsonl"
         if self.is_world_process_zero():
@@ -390,23 +402,25 @@ class RLTrainer(Trainer):
             groups.append(items)
         return groups
 
+    @property
+    def _steps_per_iteration(self) -> int:
+        return self.args.steps_per_iteration * self.args.epochs_per_iteration
+
     def _train_on(self, scored, frozen) -> dict:
-        """`steps_per_iteration` optimizer steps over this iteration's groups (every process takes part, with or
-        without groups of its own, since gradient averaging is collective)."""
+        """`epochs_per_iteration` passes over this iteration's groups, each split into `steps_per_iteration`
+        mini-batches of whole groups, one optimizer step each (every process takes part, with or without groups of
+        its own, since gradient averaging is collective)."""
         args = self.args
         model = self.model_wrapped
         if args.reset_optimizer_each_iteration:
             _reset_optimizer(self.optimizer)
-        groups = self._items(scored)
+        groups, uniform = self._items(scored), 0
+        if args.skip_uniform_groups:
+            groups, uniform = informative_groups(groups)
         items = [item for g in groups for item in g]
         rng = random.Random(args.seed + self.state.global_step)
-        order = list(range(len(groups)))
-        rng.shuffle(order)
-        steps = [
-            [item for gi in order[s :: args.steps_per_iteration] for item in groups[gi]]
-            for s in range(args.steps_per_iteration)
-        ]
-        needs_pre_pass = args.steps_per_iteration > 1
+        steps = plan_steps(groups, args.steps_per_iteration, args.epochs_per_iteration, rng)
+        needs_pre_pass = len(steps) > 1
         # Items are packed into rows of up to max_tokens_per_microbatch tokens: attention per item, not per row.
         kernels = packed_attention(self.accelerator.unwrap_model(model), *([frozen] if frozen is not None else []))
         with kernels:
@@ -416,8 +430,9 @@ class RLTrainer(Trainer):
         if needs_pre_pass:
             diffs = [d for item in items for d in _item_diff(item)]
         return {
-            "loss": loss_sum / max(len(items), 1),
+            "loss": loss_sum / max(len(items) * args.epochs_per_iteration, 1),
             "trained_samples": len(items),
+            "uniform_groups_skipped": uniform,
             "logprob_diff": float(np.mean(diffs)) if diffs else None,
         }
 
@@ -544,6 +559,7 @@ class RLTrainer(Trainer):
             "stats": asdict(stats),
             "diff": train["logprob_diff"],
             "loss": train["loss"],
+            "uniform": train["uniform_groups_skipped"],
             "examples": [
                 {
                     "problem_id": g.problem_id,
@@ -573,7 +589,8 @@ class RLTrainer(Trainer):
             "accuracy": float(np.mean(correct)) if correct else 0.0,
             "response_length_mean": float(np.mean(lengths)) if lengths else 0.0,
             "response_length_max": int(max(lengths)) if lengths else 0,
-            "groups_trained": len(rewards) // self.args.num_generations,
+            "groups_trained": len(rewards) // self.args.num_generations - sum(p["uniform"] for p in parts),
+            "uniform_groups_skipped": sum(p["uniform"] for p in parts),
             "samples_finished": totals["finished"],
             "samples_carried": totals["carried"],
             "samples_continued": totals["continued"],
@@ -685,6 +702,24 @@ def _microbatches(items: list[TrainItem], max_tokens: int) -> list[list[TrainIte
     if current:
         batches.append(current)
     return batches
+
+
+def informative_groups(groups: list[list[TrainItem]]) -> tuple[list[list[TrainItem]], int]:
+    """The groups whose samples do not all have advantage 0 (DAPO's dynamic sampling: a group whose rewards are all
+    equal teaches nothing but the τ term's pull to π_θi) and how many were left out."""
+    kept = [g for g in groups if any(item.advantage != 0 for item in g)]
+    return kept, len(groups) - len(kept)
+
+
+def plan_steps(groups: list[list[TrainItem]], steps: int, epochs: int, rng: random.Random) -> list[list[TrainItem]]:
+    """The items of each optimizer step: `epochs` passes over `groups`, each pass shuffled and split into `steps`
+    mini-batches of whole groups (a group's samples share its baseline, so they stay together)."""
+    plan = []
+    for _ in range(epochs):
+        order = list(range(len(groups)))
+        rng.shuffle(order)
+        plan += [[item for g in order[s::steps] for item in groups[g]] for s in range(steps)]
+    return plan
 
 
 def _logprob_diffs(batch: list[TrainItem], logprobs: list[torch.Tensor]) -> list[float]:
