@@ -321,6 +321,9 @@ def shorten(model, processor, engine: RolloutEngine, problems, test, out: Path, 
             learning_rate=args.long2short_rl_lr,
             length_penalty_weight=0.5,
             length_penalty_start=0,
+            epochs_per_iteration=1,  # one pass over every group at temperature 1: lengths must vary
+            skip_uniform_groups=False,
+            temperature=1.0,
             max_response_length=128,  # cut from 224: long-form answers to the longer problems no longer finish
             rollout_budget=0,
         )
@@ -358,9 +361,10 @@ def fine_tune(model, processor, examples, out: Path, epochs: float, lr: float, a
 
 def reinforce(model, processor, engine: RolloutEngine, problems: list, out: Path, args, **overrides) -> RLTrainer:
     """k1.5 RL from the SFT model, on the running engine: mirror descent with the iteration's policy as reference,
-    accuracy + format rewards, `--rl-prompts` problems x 8 samples per iteration, and partial rollouts (128 new
-    tokens per sample per iteration, up to 224 in all, so the longest responses are carried over in the replay
-    buffer). `overrides` replace `RLConfig` fields (the long2short RL stage)."""
+    accuracy + format rewards, `--rl-prompts` problems x 8 samples per iteration at temperature 0.7, 2 passes of 2
+    steps over the groups whose rewards differ, and partial rollouts (128 new tokens per sample per iteration, up
+    to 224 in all, so the longest responses are carried over in the replay buffer). `overrides` replace `RLConfig`
+    fields (the long2short RL stage)."""
     settings = dict(
         output_dir=str(out),
         algorithm="mirror_descent",
@@ -369,6 +373,9 @@ def reinforce(model, processor, engine: RolloutEngine, problems: list, out: Path
         prompts_per_iteration=args.rl_prompts,
         num_generations=8,
         steps_per_iteration=2,
+        epochs_per_iteration=2,
+        skip_uniform_groups=True,  # all-equal rewards carry no advantage: the time goes to a second pass instead
+        temperature=0.7,  # samples nearer the greedy answers the evaluation scores (docs/findings.md)
         max_response_length=224,
         rollout_budget=128,
         learning_rate=args.rl_lr,
@@ -401,11 +408,14 @@ def write_report(out: Path, s: dict) -> None:
     if rl:
         first, last = s["rl_metrics"][0], s["rl_metrics"][-1]
         carried = sum(m["samples_continued"] for m in s["rl_metrics"])
+        trained = sum(m["groups_trained"] for m in s["rl_metrics"])
+        uniform = sum(m.get("uniform_groups_skipped", 0) for m in s["rl_metrics"])
         rl_section = f"""
 ## RL
 
 {s["rl_iterations"]} iterations of k1.5 online mirror descent from the SFT checkpoint ({s["rl_prompts"]} problems x 8 samples
-per iteration, learning rate {s["rl_lr"]:g}, partial rollouts with a 128-token budget per iteration): training reward {first["reward_mean"]:.2f} →
+per iteration at temperature 0.7, learning rate {s["rl_lr"]:g}, partial rollouts with a 128-token budget per iteration, 2
+passes over the groups whose rewards differ: {trained} groups trained, {uniform} left out): training reward {first["reward_mean"]:.2f} →
 {last["reward_mean"]:.2f}, training accuracy {first["accuracy"]:.1%} → {last["accuracy"]:.1%}, mean response length
 {first["response_length_mean"]:.0f} → {last["response_length_mean"]:.0f} tokens; {carried} sample segments were
 continued from the replay buffer. Per-iteration numbers: `rl/metrics.jsonl`.
