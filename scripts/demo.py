@@ -417,8 +417,9 @@ def write_report(out: Path, s: dict) -> None:
 per iteration at temperature 0.7, learning rate {s["rl_lr"]:g}, partial rollouts with a 128-token budget per iteration, 2
 passes over the groups whose rewards differ: {trained} groups trained, {uniform} left out): training reward {first["reward_mean"]:.2f} →
 {last["reward_mean"]:.2f}, training accuracy {first["accuracy"]:.1%} → {last["accuracy"]:.1%}, mean response length
-{first["response_length_mean"]:.0f} → {last["response_length_mean"]:.0f} tokens; {carried} sample segments were
-continued from the replay buffer. Per-iteration numbers: `rl/metrics.jsonl`.
+{first["response_length_mean"]:.0f} → {last["response_length_mean"]:.0f} tokens (prioritised sampling draws more of the
+problems the model fails as the run goes on, so the training numbers fall); {carried} sample segments were continued
+from the replay buffer. Per-iteration numbers: `rl/metrics.jsonl`.
 
 ![RL curves](rl_curves.png)
 """
