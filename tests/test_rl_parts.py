@@ -343,11 +343,14 @@ def test_step_plan_passes_over_whole_groups_and_uniform_groups_are_left_out():
             for a in advantages
         ]
 
-    groups = [group([0.5, -0.5]) for _ in range(4)] + [group([0.0, 0.0]), group([0, 0])]
-    kept, skipped = informative_groups(groups)
-    assert skipped == 2 and kept == groups[:4]
-    owner = {id(item): g for g, samples in enumerate(kept) for item in samples}
-    plan = plan_steps(kept, steps=2, epochs=3, rng=random.Random(0))
+    # 8 rewards of 0.1 (format only) are uniform though r - mean(r) is -7e-9 in float32
+    scored = [(f"g{i}", [1.1, 0.1, 1.0, 0.1], None, None) for i in range(3)] + [("g3", [0.0, 0.35] * 4, None, None)]
+    scored += [("flat0", [0.1] * 8, None, None), ("flat1", [1.1] * 8, None, None), ("flat2", [0.0] * 8, None, None)]
+    kept, skipped = informative_groups(scored)
+    assert skipped == 3 and [entry[0] for entry in kept] == ["g0", "g1", "g2", "g3"]
+    groups = [group([0.5, -0.5]) for _ in range(4)]
+    owner = {id(item): g for g, samples in enumerate(groups) for item in samples}
+    plan = plan_steps(groups, steps=2, epochs=3, rng=random.Random(0))
     assert len(plan) == 6 and all(len(step) == 4 for step in plan)  # 2 groups of 2 samples per step
     for epoch in range(3):  # each pass trains every sample once, a group's samples in the same step
         passed = plan[2 * epoch : 2 * epoch + 2]

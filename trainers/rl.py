@@ -414,9 +414,10 @@ class RLTrainer(Trainer):
         model = self.model_wrapped
         if args.reset_optimizer_each_iteration:
             _reset_optimizer(self.optimizer)
-        groups, uniform = self._items(scored), 0
+        uniform = 0
         if args.skip_uniform_groups:
-            groups, uniform = informative_groups(groups)
+            scored, uniform = informative_groups(scored)
+        groups = self._items(scored)
         items = [item for g in groups for item in g]
         rng = random.Random(args.seed + self.state.global_step)
         steps = plan_steps(groups, args.steps_per_iteration, args.epochs_per_iteration, rng)
@@ -704,11 +705,12 @@ def _microbatches(items: list[TrainItem], max_tokens: int) -> list[list[TrainIte
     return batches
 
 
-def informative_groups(groups: list[list[TrainItem]]) -> tuple[list[list[TrainItem]], int]:
-    """The groups whose samples do not all have advantage 0 (DAPO's dynamic sampling: a group whose rewards are all
-    equal teaches nothing but the τ term's pull to π_θi) and how many were left out."""
-    kept = [g for g in groups if any(item.advantage != 0 for item in g)]
-    return kept, len(groups) - len(kept)
+def informative_groups(scored: list[tuple]) -> tuple[list[tuple], int]:
+    """The scored groups `(group, rewards, correct, texts)` whose rewards differ, and how many were left out (DAPO's
+    dynamic sampling: a group whose rewards are all equal has no advantage and teaches nothing but the τ term's pull
+    to π_θi). Decided on the rewards themselves: r − mean(r) of equal rewards is not always exactly 0 in floats."""
+    kept = [entry for entry in scored if max(entry[1]) > min(entry[1])]
+    return kept, len(scored) - len(kept)
 
 
 def plan_steps(groups: list[list[TrainItem]], steps: int, epochs: int, rng: random.Random) -> list[list[TrainItem]]:
