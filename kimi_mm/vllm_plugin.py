@@ -3,10 +3,13 @@
 vLLM calls `register()` in every process it starts (entry point group `vllm.general_plugins`). It registers the
 Auto classes (by importing kimi_mm) and maps the architecture onto vLLM's Transformers backend, which runs our
 modeling code with vLLM's attention, KV cache and batching - no `trust_remote_code`, no import in user scripts.
+It also registers the shared-memory weight-transfer backend (`kimi_mm_shm`) that `trainers.rollout.RolloutEngine`
+pushes trained weights through where CUDA IPC is not available; it is loaded only when an engine asks for it.
 """
 
 ARCHITECTURE = "KimiMMForConditionalGeneration"
 BACKEND = "vllm.model_executor.models.transformers:TransformersMultiModalForCausalLM"
+WEIGHT_TRANSFER = ("kimi_mm_shm", "trainers.weight_transfer", "SharedMemoryWeightTransferEngine")
 
 
 def register() -> None:
@@ -16,3 +19,10 @@ def register() -> None:
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, BACKEND)
+
+    from vllm.distributed.weight_transfer import WeightTransferEngineFactory
+
+    try:
+        WeightTransferEngineFactory.register_engine(*WEIGHT_TRANSFER)
+    except ValueError:  # registered already in this process
+        pass

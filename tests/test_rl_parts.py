@@ -360,3 +360,5 @@ def test_step_plan_passes_over_whole_groups_and_uniform_groups_are_left_out():
     assert len({tuple(owner[id(item)] for item in step) for step in plan}) > 2  # each pass is shuffled anew
     with pytest.raises(ValueError, match="epochs_per_iteration=0 must be at least 1"):
         parse_config(["--model_name_or_path", "x", "--train_data", "y", "--epochs_per_iteration", "0"])
+    with pytest.raises(ValueError, match=r"vllm_weight_transfer='nccl' is not one of \('auto', 'ipc', 'shm'\)"):
+        parse_config(["--model_name_or_path", "x", "--train_data", "y", "--vllm_weight_transfer", "nccl"])

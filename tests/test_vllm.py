@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from trainers.rollout import Prompt, RolloutEngine
+from trainers.rollout import Prompt, RolloutEngine, _engine_environment, engine_visible_devices
 
 from .conftest import ROOT, shapes_image
 
@@ -130,6 +130,7 @@ def test_update_weights_changes_the_served_policy(engine, fresh_model, processor
     model, target = forced_model(fresh_model, engine, prompt)
     before = engine.version
     assert engine.update_weights(model) == before + 1
+    assert engine.transport == "shm" and engine.llm.get_weight_version() == str(before + 1)  # vLLM's protocol ran
     completion = engine.generate([prompt], max_tokens=8, temperature=0.0)[0][0]
     assert completion.token_ids[0] == target
     assert completion.versions == [before + 1] * 8
@@ -150,6 +151,28 @@ def test_failed_push_keeps_serving_old_weights(engine, fresh_model):
         engine.update_weights(model)
     assert engine.version == version
     assert engine.generate([prompt], max_tokens=8, temperature=0.0)[0][0].token_ids == before
+
+
+def test_engine_processes_get_the_trainers_gpu_and_ipc_permission_only_while_they_start(monkeypatch):
+    assert engine_visible_devices(0, None) == "0"
+    assert engine_visible_devices(1, "") == "1"
+    assert engine_visible_devices(1, "2, 3") == "3"  # cuda:1 of a process that sees GPUs 2 and 3 is GPU 3
+    assert engine_visible_devices(0, "GPU-5d1f") == "GPU-5d1f"
+    with pytest.raises(ValueError, match=r"cuda:2 is not among CUDA_VISIBLE_DEVICES='0,1'"):
+        engine_visible_devices(2, "0,1")
+    monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
+    with pytest.raises(RuntimeError, match="engine failed"), _engine_environment(on_cuda=False, ipc=True):
+        assert os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
+        raise RuntimeError("engine failed")
+    assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in os.environ
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_unknown_or_cuda_only_weight_transfer_is_refused(tiny_dir):
+    with pytest.raises(ValueError, match=r"weight_transfer must be one of \('auto', 'ipc', 'shm'\), got 'nccl'"):
+        RolloutEngine(tiny_dir, weight_transfer="nccl")
+    with pytest.raises(ValueError, match="weight_transfer='ipc' needs CUDA"):
+        RolloutEngine(tiny_dir, weight_transfer="ipc")
 
 
 def test_push_from_peft_lora_model(engine, fresh_model, processor, restore_weights):

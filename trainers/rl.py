@@ -44,6 +44,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trainers import cli, losses
 from trainers.partial_rollout import REPETITION, Group, ReplayBuffer, RolloutSettings, Sample, collect
 from trainers.rewards import RewardRunner, length_penalty, length_penalty_weight
+from trainers.rollout import TRANSPORTS
 from trainers.sampling import ProblemSampler
 from trainers.sft import packed_attention
 
@@ -119,6 +120,9 @@ class RLConfig(TrainingArguments):
     vllm_dtype: str = field(
         default="auto", metadata={"help": "engine dtype; auto = the trained model's (vLLM's own auto casts fp32 down)"}
     )
+    vllm_weight_transfer: str = field(
+        default="auto", metadata={"help": "weight pushes: auto (ipc on CUDA, shm elsewhere), ipc (CUDA IPC) or shm"}
+    )
     lr_scheduler_type: str = field(default="constant", metadata={"help": "learning-rate schedule over all steps"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "unused: RL builds its own batches"})
 
@@ -130,6 +134,8 @@ class RLConfig(TrainingArguments):
             raise ValueError(f"rollout_budget={self.rollout_budget} must be in 0..max_response_length")
         if self.num_generations < 2:
             raise ValueError("num_generations must be at least 2 (the baseline is the group's mean reward)")
+        if self.vllm_weight_transfer not in TRANSPORTS:
+            raise ValueError(f"vllm_weight_transfer={self.vllm_weight_transfer!r} is not one of {TRANSPORTS}")
         for name in ("steps_per_iteration", "epochs_per_iteration"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
@@ -206,6 +212,7 @@ class RLTrainer(Trainer):
                 seed=args.seed + self.args.process_index,
                 gpu_memory_utilization=args.vllm_gpu_memory_utilization,
                 logprobs_mode="processed_logprobs",
+                weight_transfer=args.vllm_weight_transfer,
             )
         prompts, skipped = self._prompts()
         self._prompt_cache = prompts

@@ -11,21 +11,21 @@ and ids already expanded by the processor would be silently corrupted (TRL #6294
 
 The engine runs in vLLM's own processes (its default), never in the trainer's: vLLM's Transformers backend rewrites
 the HF decoder class it serves (`support_torch_compile`), which would break the trainer's own models of that class in
-a shared process. A push copies the weights once into a shared-memory buffer that lives as long as the engine; the
-engine's worker (`WeightSyncExtension`, installed with `worker_extension_cls`) maps the same buffer without copying and
-reloads them in place with vLLM's layerwise `reload_weights` (checkpoint names); then the prefix and encoder caches
-are cleared. On CUDA, `enable_sleep_mode` lets
-training and rollouts share one GPU (`sleep()` before the training step, `wake_up()` after).
+a shared process. On CUDA those processes are pinned to the trainer's current GPU, so each rank of a multi-GPU run
+gets its engine on its own GPU.
+
+A push runs vLLM's weight-sync protocol (start, one update per chunk, finish: an in-place layerwise reload under
+checkpoint names) over one of two transports (`trainers.weight_transfer`): CUDA IPC on CUDA, where the weights stay
+on the GPU, and a shared-memory buffer that lives as long as the engine elsewhere. Then the prefix and encoder caches
+are cleared. On CUDA, `enable_sleep_mode` lets training and rollouts share one GPU (`sleep()` before the training
+step, `wake_up()` after).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
-import tempfile
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,7 +37,7 @@ from safetensors import safe_open
 from torch import nn
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+TRANSPORTS = ("auto", "ipc", "shm")
 
 
 @dataclass
@@ -79,12 +79,18 @@ class RolloutEngine:
         cpu_kv_cache_gib: int = 2,
         enable_sleep_mode: bool | None = None,
         enforce_eager: bool = False,
+        weight_transfer: str = "auto",
+        ipc_buffer_gib: float = 1.0,
         **engine_kwargs,
     ):
         """`logprobs_mode="raw_logprobs"` returns log-softmax of the unscaled logits (the policy's own log-probs);
         `"processed_logprobs"` returns those of the temperature/top-p-adjusted sampling distribution.
         `cpu_kv_cache_gib` sizes the KV cache on CPU; `gpu_memory_utilization` on CUDA. Sleep mode defaults to on
-        when CUDA is available. Extra keyword arguments go to `vllm.LLM`."""
+        when CUDA is available. `weight_transfer`: how `update_weights` moves the weights, "ipc" (CUDA IPC, the
+        default on CUDA; packed through a GPU buffer of `ipc_buffer_gib`, grown to the largest tensor) or "shm"
+        (a shared-memory buffer in host memory, the default elsewhere). Extra keyword arguments go to `vllm.LLM`."""
+        if weight_transfer not in TRANSPORTS:
+            raise ValueError(f"weight_transfer must be one of {TRANSPORTS}, got {weight_transfer!r}")
         self.path = Path(model)
         if not self.path.is_dir():
             raise FileNotFoundError(f"checkpoint {str(self.path)!r} is not a directory")
@@ -116,23 +122,31 @@ class RolloutEngine:
         self.sleep_mode = self.on_cuda if enable_sleep_mode is None else enable_sleep_mode
         if self.sleep_mode and not self.on_cuda:
             raise ValueError("enable_sleep_mode needs CUDA; vLLM refuses it on CPU")
+        self.transport = ("ipc" if self.on_cuda else "shm") if weight_transfer == "auto" else weight_transfer
+        if self.transport == "ipc" and not self.on_cuda:
+            raise ValueError("weight_transfer='ipc' needs CUDA; use 'shm' (the default) on CPU")
+        self.ipc_buffer_bytes = int(ipc_buffer_gib * 2**30)
         from vllm import LLM
 
-        self.llm = LLM(
-            model=str(self.path),
-            dtype=dtype,
-            seed=seed,
-            max_model_len=max_model_len,
-            limit_mm_per_prompt={"image": max_images_per_prompt},
-            logprobs_mode=logprobs_mode,
-            enforce_eager=enforce_eager,
-            worker_extension_cls="trainers.rollout.WeightSyncExtension",
-            **({"gpu_memory_utilization": gpu_memory_utilization} if self.on_cuda else {}),
-            **({"enable_sleep_mode": True} if self.sleep_mode else {}),
-            **engine_kwargs,
-        )
+        from trainers.weight_transfer import SHM_BACKEND
+
+        with _engine_environment(self.on_cuda, self.transport == "ipc"):
+            self.llm = LLM(
+                model=str(self.path),
+                dtype=dtype,
+                seed=seed,
+                max_model_len=max_model_len,
+                limit_mm_per_prompt={"image": max_images_per_prompt},
+                logprobs_mode=logprobs_mode,
+                enforce_eager=enforce_eager,
+                weight_transfer_config={"backend": "ipc" if self.transport == "ipc" else SHM_BACKEND},
+                **({"gpu_memory_utilization": gpu_memory_utilization} if self.on_cuda else {}),
+                **({"enable_sleep_mode": True} if self.sleep_mode else {}),
+                **engine_kwargs,
+            )
+        self.llm.init_weight_transfer_engine({"init_info": {"packed": True} if self.transport == "ipc" else {}})
         self.sleeping = False
-        self.push_buffer: SharedWeightBuffer | None = None
+        self.push_buffer = None  # the shared-memory transport's buffer, made at the first push
 
     # -- prompts ---------------------------------------------------------------------------------------------
 
@@ -260,17 +274,33 @@ class RolloutEngine:
             self.wake_up()
         specs = full_weight_specs(model)
         self.check_weights({name: shape for name, (shape, _) in specs.items()})
-        if self.push_buffer is None or self.push_buffer.specs != specs:
-            if self.push_buffer is not None:
-                self.push_buffer.close()
-            self.push_buffer = SharedWeightBuffer(specs)
         with full_weights(model) as weights:
-            self.push_buffer.write(weights)
-        self.llm.collective_rpc("load_weights_from_buffer", args=(self.push_buffer.path, self.push_buffer.layout))
+            if self.transport == "ipc":
+                from trainers.weight_transfer import ipc_updates
+
+                largest = max(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
+                updates = ipc_updates(weights, max(self.ipc_buffer_bytes, largest))
+            else:
+                updates = self._shared_buffer(specs).updates(weights)
+            self.llm.start_weight_update()
+            for update in updates:  # each one is sent before the next is made (IPC refills one buffer)
+                self.llm.update_weights({"update_info": update})
+            self.llm.finish_weight_update(str(self.version + 1))  # vLLM's weight version = our policy version
+        if self.transport == "ipc":
+            torch.cuda.ipc_collect()  # free the IPC buffer now that the worker has let go of it
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
         self.version += 1
         return self.version
+
+    def _shared_buffer(self, specs: dict):
+        from trainers.weight_transfer import SharedWeightBuffer
+
+        if self.push_buffer is None or self.push_buffer.specs != specs:
+            if self.push_buffer is not None:
+                self.push_buffer.close()
+            self.push_buffer = SharedWeightBuffer(specs)
+        return self.push_buffer
 
     def check_weights(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """Raise a ValueError naming every weight whose name or shape differs from the served checkpoint's."""
@@ -311,6 +341,42 @@ class RolloutEngine:
         if self.sleeping:
             self.llm.wake_up()
             self.sleeping = False
+
+
+@contextmanager
+def _engine_environment(on_cuda: bool, ipc: bool) -> Iterator[None]:
+    """The environment vLLM's engine processes start with (they inherit it; this process gets its own back): on
+    CUDA, CUDA_VISIBLE_DEVICES names only the trainer's current GPU, so each rank's engine runs on that rank's GPU;
+    with the IPC transport, VLLM_ALLOW_INSECURE_SERIALIZATION=1, without which vLLM's worker refuses the pickled CUDA
+    IPC handles (they only ever come from this process, over the engine's local sockets)."""
+    changes = {}
+    if on_cuda:
+        changes["CUDA_VISIBLE_DEVICES"] = engine_visible_devices(
+            torch.cuda.current_device(), os.environ.get("CUDA_VISIBLE_DEVICES")
+        )
+    if ipc:
+        changes["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    saved = {name: os.environ.get(name) for name in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def engine_visible_devices(index: int, visible: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES naming only the GPU that this process calls `cuda:index` under `visible` (its own
+    CUDA_VISIBLE_DEVICES, None or empty when unset)."""
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else None
+    if ids is None:
+        return str(index)
+    if not 0 <= index < len(ids):
+        raise ValueError(f"cuda:{index} is not among CUDA_VISIBLE_DEVICES={visible!r}")
+    return ids[index]
 
 
 def sampling_params(
@@ -355,66 +421,6 @@ def _join(partial: Completion, new: Completion) -> Completion:
         versions=list(partial.versions) + new.versions,
         text=partial.text + new.text,
     )
-
-
-class SharedWeightBuffer:
-    """One copy of the weights in a shared-memory file, mapped by the trainer and by vLLM's worker.
-
-    `layout` lists `(name, byte_offset, shape, dtype)`; the file is reused across pushes (its pages stay resident),
-    so a push costs one copy in and the engine's own in-place reload."""
-
-    def __init__(self, specs: dict[str, tuple[tuple[int, ...], torch.dtype]]):
-        self.specs = specs
-        self.layout, offset = [], 0
-        for name, (shape, dtype) in specs.items():
-            self.layout.append((name, offset, list(shape), str(dtype).removeprefix("torch.")))
-            offset += -(-math.prod(shape) * dtype.itemsize // 64) * 64  # 64-byte aligned
-        self.path = str(Path(SHM_DIR) / f"kimi_mm_weights_{os.getpid()}_{uuid.uuid4().hex}.bin")
-        with open(self.path, "w+b") as f:
-            f.truncate(max(offset, 1))
-            self._map = mmap.mmap(f.fileno(), 0)
-        self._views = _views(self._map, self.layout)
-
-    def write(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-        for name, tensor in weights:
-            self._views[name].copy_(tensor)
-
-    def close(self) -> None:
-        self._views = {}
-        _close(self._map)
-        Path(self.path).unlink(missing_ok=True)
-
-
-def _close(buffer: mmap.mmap) -> None:
-    try:
-        buffer.close()
-    except BufferError:  # a tensor still views it; the mapping goes when that tensor does
-        pass
-
-
-def _views(buffer: mmap.mmap, layout: list) -> dict[str, torch.Tensor]:
-    """Tensors viewing `buffer` (no copy) at the layout's offsets."""
-    storage = torch.frombuffer(buffer, dtype=torch.uint8)
-    views = {}
-    for name, offset, shape, dtype in layout:
-        dtype = getattr(torch, dtype)
-        views[name] = storage[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-    return views
-
-
-class WeightSyncExtension:
-    """Mixed into vLLM's worker class (`worker_extension_cls`); called through `LLM.collective_rpc`."""
-
-    def load_weights_from_buffer(self, path: str, layout: list) -> None:
-        """Reload the served model's weights in place from a SharedWeightBuffer (checkpoint names)."""
-        maps = self.__dict__.setdefault("_kimi_mm_maps", {})
-        if path not in maps:
-            for old in list(maps):  # a buffer of an earlier layout: release it
-                _close(maps.pop(old))
-            with open(path, "r+b") as f:
-                maps[path] = mmap.mmap(f.fileno(), 0)
-        views = _views(maps[path], layout)
-        self.reload_weights(weights_iterator=iter(views.items()))
 
 
 def checkpoint_weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
