@@ -161,7 +161,7 @@ def test_engine_processes_get_the_trainers_gpu_and_ipc_permission_only_while_the
     with pytest.raises(ValueError, match=r"cuda:2 is not among CUDA_VISIBLE_DEVICES='0,1'"):
         engine_visible_devices(2, "0,1")
     monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
-    with pytest.raises(RuntimeError, match="engine failed"), _engine_environment(on_cuda=False, ipc=True):
+    with pytest.raises(RuntimeError, match="engine failed"), _engine_environment(pin_gpu=False, ipc=True):
         assert os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
         raise RuntimeError("engine failed")
     assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in os.environ
@@ -171,7 +171,7 @@ def test_engine_processes_get_the_trainers_gpu_and_ipc_permission_only_while_the
 def test_unknown_or_cuda_only_weight_transfer_is_refused(tiny_dir):
     with pytest.raises(ValueError, match=r"weight_transfer must be one of \('auto', 'ipc', 'shm'\), got 'nccl'"):
         RolloutEngine(tiny_dir, weight_transfer="nccl")
-    with pytest.raises(ValueError, match="weight_transfer='ipc' needs CUDA"):
+    with pytest.raises(ValueError, match="weight_transfer='ipc' needs CUDA and an engine on one GPU"):
         RolloutEngine(tiny_dir, weight_transfer="ipc")
 
 

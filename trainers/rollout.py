@@ -87,8 +87,9 @@ class RolloutEngine:
         `"processed_logprobs"` returns those of the temperature/top-p-adjusted sampling distribution.
         `cpu_kv_cache_gib` sizes the KV cache on CPU; `gpu_memory_utilization` on CUDA. Sleep mode defaults to on
         when CUDA is available. `weight_transfer`: how `update_weights` moves the weights, "ipc" (CUDA IPC, the
-        default on CUDA; packed through a GPU buffer of `ipc_buffer_gib`, grown to the largest tensor) or "shm"
-        (a shared-memory buffer in host memory, the default elsewhere). Extra keyword arguments go to `vllm.LLM`."""
+        default for an engine on one GPU; packed through a GPU buffer of `ipc_buffer_gib`, grown to the largest
+        tensor) or "shm" (a shared-memory buffer in host memory, the default elsewhere). Extra keyword arguments go
+        to `vllm.LLM`."""
         if weight_transfer not in TRANSPORTS:
             raise ValueError(f"weight_transfer must be one of {TRANSPORTS}, got {weight_transfer!r}")
         self.path = Path(model)
@@ -122,15 +123,20 @@ class RolloutEngine:
         self.sleep_mode = self.on_cuda if enable_sleep_mode is None else enable_sleep_mode
         if self.sleep_mode and not self.on_cuda:
             raise ValueError("enable_sleep_mode needs CUDA; vLLM refuses it on CPU")
-        self.transport = ("ipc" if self.on_cuda else "shm") if weight_transfer == "auto" else weight_transfer
-        if self.transport == "ipc" and not self.on_cuda:
-            raise ValueError("weight_transfer='ipc' needs CUDA; use 'shm' (the default) on CPU")
+        gpus = engine_kwargs.get("tensor_parallel_size", 1) * engine_kwargs.get("pipeline_parallel_size", 1)
+        one_gpu = self.on_cuda and gpus == 1
+        self.transport = ("ipc" if one_gpu else "shm") if weight_transfer == "auto" else weight_transfer
+        if self.transport == "ipc" and not one_gpu:
+            raise ValueError(
+                "weight_transfer='ipc' needs CUDA and an engine on one GPU (the trainer's); use 'shm' (the default "
+                "on CPU and for tensor/pipeline-parallel engines, whose workers all map the same buffer)"
+            )
         self.ipc_buffer_bytes = int(ipc_buffer_gib * 2**30)
         from vllm import LLM
 
         from trainers.weight_transfer import SHM_BACKEND
 
-        with _engine_environment(self.on_cuda, self.transport == "ipc"):
+        with _engine_environment(pin_gpu=one_gpu, ipc=self.transport == "ipc"):
             self.llm = LLM(
                 model=str(self.path),
                 dtype=dtype,
@@ -344,13 +350,13 @@ class RolloutEngine:
 
 
 @contextmanager
-def _engine_environment(on_cuda: bool, ipc: bool) -> Iterator[None]:
-    """The environment vLLM's engine processes start with (they inherit it; this process gets its own back): on
-    CUDA, CUDA_VISIBLE_DEVICES names only the trainer's current GPU, so each rank's engine runs on that rank's GPU;
-    with the IPC transport, VLLM_ALLOW_INSECURE_SERIALIZATION=1, without which vLLM's worker refuses the pickled CUDA
-    IPC handles (they only ever come from this process, over the engine's local sockets)."""
+def _engine_environment(pin_gpu: bool, ipc: bool) -> Iterator[None]:
+    """The environment vLLM's engine processes start with (they inherit it; this process gets its own back): for a
+    one-GPU engine on CUDA, CUDA_VISIBLE_DEVICES names only the trainer's current GPU, so each rank's engine runs on
+    that rank's GPU; with the IPC transport, VLLM_ALLOW_INSECURE_SERIALIZATION=1, without which vLLM's worker refuses
+    the pickled CUDA IPC handles (they only ever come from this process, over the engine's local sockets)."""
     changes = {}
-    if on_cuda:
+    if pin_gpu:
         changes["CUDA_VISIBLE_DEVICES"] = engine_visible_devices(
             torch.cuda.current_device(), os.environ.get("CUDA_VISIBLE_DEVICES")
         )
