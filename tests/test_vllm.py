@@ -153,18 +153,25 @@ def test_failed_push_keeps_serving_old_weights(engine, fresh_model):
     assert engine.generate([prompt], max_tokens=8, temperature=0.0)[0][0].token_ids == before
 
 
-def test_engine_processes_get_the_trainers_gpu_and_ipc_permission_only_while_they_start(monkeypatch):
+def test_engine_processes_get_the_trainers_gpu_only_while_they_start(monkeypatch):
     assert engine_visible_devices(0, None) == "0"
     assert engine_visible_devices(1, "") == "1"
     assert engine_visible_devices(1, "2, 3") == "3"  # cuda:1 of a process that sees GPUs 2 and 3 is GPU 3
     assert engine_visible_devices(0, "GPU-5d1f") == "GPU-5d1f"
     with pytest.raises(ValueError, match=r"cuda:2 is not among CUDA_VISIBLE_DEVICES='0,1'"):
         engine_visible_devices(2, "0,1")
-    monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
-    with pytest.raises(RuntimeError, match="engine failed"), _engine_environment(pin_gpu=False, ipc=True):
-        assert os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # the trainer rank's GPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    with pytest.raises(RuntimeError, match="engine failed"), _engine_environment(pin_gpu=True):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
         raise RuntimeError("engine failed")
-    assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in os.environ
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with _engine_environment(pin_gpu=True):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    with _engine_environment(pin_gpu=False):  # CPU and multi-GPU engines see what this process sees
+        assert "CUDA_VISIBLE_DEVICES" not in os.environ
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
@@ -173,6 +180,69 @@ def test_unknown_or_cuda_only_weight_transfer_is_refused(tiny_dir):
         RolloutEngine(tiny_dir, weight_transfer="nccl")
     with pytest.raises(ValueError, match="weight_transfer='ipc' needs CUDA and an engine on one GPU"):
         RolloutEngine(tiny_dir, weight_transfer="ipc")
+    with pytest.raises(ValueError, match="sets vLLM's weight_transfer_config itself"):
+        RolloutEngine(tiny_dir, weight_transfer_config={"backend": "nccl"})
+
+
+def test_push_failing_while_weights_are_gathered_keeps_serving_old_weights(engine, fresh_model, monkeypatch):
+    import trainers.rollout
+
+    prompt = engine.encode(messages_for(CASES["one_image"]))
+    before, version = engine.generate([prompt], max_tokens=8, temperature=0.0)[0][0].token_ids, engine.version
+    model, _ = forced_model(fresh_model, engine, prompt)
+    gathered = trainers.rollout._gathered
+
+    def gather_then_fail(*args):  # an FSDP/ZeRO gather that dies half-way
+        for i, item in enumerate(gathered(*args)):
+            if i == 5:
+                raise RuntimeError("gather failed")
+            yield item
+
+    monkeypatch.setattr(trainers.rollout, "_gathered", gather_then_fail)
+    with pytest.raises(RuntimeError, match="gather failed"):
+        engine.update_weights(model)
+    assert engine.version == version and engine.unusable is None
+    assert engine.generate([prompt], max_tokens=8, temperature=0.0)[0][0].token_ids == before
+
+
+def test_push_failing_after_the_engine_began_blocks_generation_until_a_push_succeeds(
+    engine, fresh_model, tiny_dir, monkeypatch
+):
+    prompt = engine.encode(messages_for(CASES["one_image"]))
+    before, version = engine.generate([prompt], max_tokens=8, temperature=0.0)[0][0].token_ids, engine.version
+
+    def lost(request):
+        raise ConnectionError("transport lost")
+
+    monkeypatch.setattr(engine.llm, "update_weights", lost)
+    with pytest.raises(ConnectionError, match="transport lost"):
+        engine.update_weights(fresh_model)
+    monkeypatch.undo()
+    assert engine.version == version
+    with pytest.raises(
+        RuntimeError, match=r"failed part-way \(ConnectionError\('transport lost'\)\).*refuses to generate"
+    ):
+        engine.generate([prompt], max_tokens=8, temperature=0.0)
+    engine.update_weights(AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=torch.float32))
+    assert engine.version == version + 1 and engine.unusable is None
+    assert engine.generate([prompt], max_tokens=8, temperature=0.0)[0][0].token_ids == before
+
+
+def test_push_failing_inside_the_engine_leaves_it_refusing_for_good(tiny_dir, fresh_model, monkeypatch):
+    engine = RolloutEngine(tiny_dir, max_model_len=512, max_images_per_prompt=1, dtype="float32", enforce_eager=True)
+    try:
+        real = engine.llm.update_weights
+        monkeypatch.setattr(  # the worker cannot open the buffer: it raises after the update began
+            engine.llm, "update_weights", lambda request: real({"update_info": {"path": "/nonexistent", "layout": []}})
+        )
+        with pytest.raises(Exception, match="nonexistent"):
+            engine.update_weights(fresh_model)
+        prompt = engine.encode(messages_for(CASES["one_image"]))
+        for call in (lambda: engine.generate([prompt], max_tokens=4), lambda: engine.update_weights(fresh_model)):
+            with pytest.raises(RuntimeError, match="half reloaded; this engine cannot serve again"):
+                call()
+    finally:
+        engine.shutdown()
 
 
 def test_push_from_peft_lora_model(engine, fresh_model, processor, restore_weights):

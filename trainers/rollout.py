@@ -123,7 +123,9 @@ class RolloutEngine:
         self.sleep_mode = self.on_cuda if enable_sleep_mode is None else enable_sleep_mode
         if self.sleep_mode and not self.on_cuda:
             raise ValueError("enable_sleep_mode needs CUDA; vLLM refuses it on CPU")
-        gpus = engine_kwargs.get("tensor_parallel_size", 1) * engine_kwargs.get("pipeline_parallel_size", 1)
+        if "weight_transfer_config" in engine_kwargs:
+            raise ValueError("the engine sets vLLM's weight_transfer_config itself; choose with weight_transfer=")
+        gpus = math.prod(engine_kwargs.get(f"{kind}_parallel_size", 1) for kind in ("tensor", "pipeline", "data"))
         one_gpu = self.on_cuda and gpus == 1
         self.transport = ("ipc" if one_gpu else "shm") if weight_transfer == "auto" else weight_transfer
         if self.transport == "ipc" and not one_gpu:
@@ -136,7 +138,11 @@ class RolloutEngine:
 
         from trainers.weight_transfer import SHM_BACKEND
 
-        with _engine_environment(pin_gpu=one_gpu, ipc=self.transport == "ipc"):
+        if self.transport == "ipc":
+            # vLLM carries CUDA IPC handles only as pickles, which both sides must allow for the engine's lifetime:
+            # the engine tags its replies when it starts with this set, and this process must then accept them.
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        with _engine_environment(pin_gpu=one_gpu):
             self.llm = LLM(
                 model=str(self.path),
                 dtype=dtype,
@@ -153,6 +159,8 @@ class RolloutEngine:
         self.llm.init_weight_transfer_engine({"init_info": {"packed": True} if self.transport == "ipc" else {}})
         self.sleeping = False
         self.push_buffer = None  # the shared-memory transport's buffer, made at the first push
+        self.unusable: str | None = None  # why the engine must not generate (a push failed after it began)
+        self.stale = False  # True when a successful push makes it usable again
 
     # -- prompts ---------------------------------------------------------------------------------------------
 
@@ -252,6 +260,8 @@ class RolloutEngine:
         self._request(index, prompt)
 
     def _run(self, requests: list[dict], params):
+        if self.unusable:
+            raise RuntimeError(self.unusable)
         if self.sleeping:
             raise RuntimeError("the engine is asleep; call wake_up() before generating")
         return self.llm.generate(requests, params, use_tqdm=False)
@@ -275,7 +285,12 @@ class RolloutEngine:
         `model` may be wrapped (DDP / accelerate / torch.compile), sharded (FSDP2 DTensors, DeepSpeed ZeRO-3: every
         rank must call this, since gathers are collectives) or a PEFT model (adapters merged for the push, then
         unmerged). Names and shapes are checked against the checkpoint before anything is written, so a bad push
-        raises and the engine keeps serving the old weights."""
+        raises and the engine keeps serving the old weights; so does a failure while the weights are gathered into
+        the shared-memory buffer, which is filled before the engine is touched. A push that fails after the engine
+        received part of it leaves a mix of old and new weights, so the engine then refuses to generate until a push
+        succeeds (or for good, with a message saying to start a new engine, when the engine itself failed)."""
+        if self.unusable and not self.stale:
+            raise RuntimeError(self.unusable)
         if self.sleeping:
             self.wake_up()
         specs = full_weight_specs(model)
@@ -284,20 +299,46 @@ class RolloutEngine:
             if self.transport == "ipc":
                 from trainers.weight_transfer import ipc_updates
 
-                largest = max(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
-                updates = ipc_updates(weights, max(self.ipc_buffer_bytes, largest))
+                sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs.values()]
+                updates = ipc_updates(weights, max(min(self.ipc_buffer_bytes, sum(sizes)), max(sizes)))
             else:
-                updates = self._shared_buffer(specs).updates(weights)
-            self.llm.start_weight_update()
-            for update in updates:  # each one is sent before the next is made (IPC refills one buffer)
-                self.llm.update_weights({"update_info": update})
-            self.llm.finish_weight_update(str(self.version + 1))  # vLLM's weight version = our policy version
+                updates = list(self._shared_buffer(specs).updates(weights))  # written before the engine is touched
+            self._push(updates)
         if self.transport == "ipc":
             torch.cuda.ipc_collect()  # free the IPC buffer now that the worker has let go of it
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
         self.version += 1
         return self.version
+
+    def _push(self, updates: Iterator[dict] | list[dict]) -> None:
+        """vLLM's weight-sync protocol: start, one update per chunk (each sent before the next is made: IPC refills
+        one buffer), finish with the new version (vLLM's weight version = our policy version)."""
+        self.llm.start_weight_update()
+        sent = 0
+        try:
+            for update in updates:
+                sent += 1
+                self.llm.update_weights({"update_info": update})
+        except BaseException as err:
+            try:
+                self.llm.finish_weight_update()
+            except Exception:  # the engine dropped the update itself: its layers are left half reloaded
+                self.unusable = (
+                    f"a weight push failed inside the engine ({err!r}) and left its model half reloaded; this "
+                    "engine cannot serve again: shut it down and start a new RolloutEngine"
+                )
+                self.stale = False
+            else:
+                if sent:  # some chunks were loaded: old and new weights are mixed until a push succeeds
+                    self.unusable = (
+                        f"the last weight push failed part-way ({err!r}), so the engine holds a mix of old and new "
+                        "weights; it refuses to generate until update_weights succeeds"
+                    )
+                    self.stale = True
+            raise
+        self.llm.finish_weight_update(str(self.version + 1))
+        self.unusable, self.stale = None, False
 
     def _shared_buffer(self, specs: dict):
         from trainers.weight_transfer import SharedWeightBuffer
@@ -350,18 +391,14 @@ class RolloutEngine:
 
 
 @contextmanager
-def _engine_environment(pin_gpu: bool, ipc: bool) -> Iterator[None]:
-    """The environment vLLM's engine processes start with (they inherit it; this process gets its own back): for a
-    one-GPU engine on CUDA, CUDA_VISIBLE_DEVICES names only the trainer's current GPU, so each rank's engine runs on
-    that rank's GPU; with the IPC transport, VLLM_ALLOW_INSECURE_SERIALIZATION=1, without which vLLM's worker refuses
-    the pickled CUDA IPC handles (they only ever come from this process, over the engine's local sockets)."""
+def _engine_environment(pin_gpu: bool) -> Iterator[None]:
+    """While vLLM's engine processes start (they inherit it; this process gets its own back), CUDA_VISIBLE_DEVICES
+    names only the trainer's current GPU when `pin_gpu`, so each rank's one-GPU engine runs on that rank's GPU."""
     changes = {}
     if pin_gpu:
         changes["CUDA_VISIBLE_DEVICES"] = engine_visible_devices(
             torch.cuda.current_device(), os.environ.get("CUDA_VISIBLE_DEVICES")
         )
-    if ipc:
-        changes["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     saved = {name: os.environ.get(name) for name in changes}
     os.environ.update(changes)
     try:

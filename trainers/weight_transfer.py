@@ -75,7 +75,8 @@ class SharedWeightBuffer:
 def ipc_updates(weights: Iterable[tuple[str, torch.Tensor]], buffer_bytes: int) -> Iterator[dict]:
     """vLLM's packed CUDA-IPC transfer: tensors are copied into one GPU buffer of `buffer_bytes` (at least the
     largest tensor) and each full buffer is one update. The handles travel pickled (`ipc_handles_pickled`), which
-    the worker accepts because the engine's processes start with VLLM_ALLOW_INSECURE_SERIALIZATION=1. The caller
+    the worker accepts only with VLLM_ALLOW_INSECURE_SERIALIZATION=1 (RolloutEngine sets it for this transport,
+    before the engine starts, so the engine and the trainer agree on it). The caller
     must send each update before asking for the next: the buffer is refilled in place."""
     from vllm.distributed.weight_transfer.packed_tensor import packed_ipc_producer
 
