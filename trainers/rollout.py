@@ -157,6 +157,7 @@ class RolloutEngine:
                 **engine_kwargs,
             )
         self.llm.init_weight_transfer_engine({"init_info": {"packed": True} if self.transport == "ipc" else {}})
+        self.llm.update_weight_version("0")  # vLLM's weight version follows `self.version` from here on
         self.sleeping = False
         self.push_buffer = None  # the shared-memory transport's buffer, made at the first push
         self.unusable: str | None = None  # why the engine must not generate (a push failed after it began)
@@ -286,9 +287,10 @@ class RolloutEngine:
         rank must call this, since gathers are collectives) or a PEFT model (adapters merged for the push, then
         unmerged). Names and shapes are checked against the checkpoint before anything is written, so a bad push
         raises and the engine keeps serving the old weights; so does a failure while the weights are gathered into
-        the shared-memory buffer, which is filled before the engine is touched. A push that fails after the engine
-        received part of it leaves a mix of old and new weights, so the engine then refuses to generate until a push
-        succeeds (or for good, with a message saying to start a new engine, when the engine itself failed)."""
+        the shared-memory buffer, which is filled before the engine is touched (IPC gathers chunk by chunk, during
+        the push). A push that fails after the engine received part of it leaves part of the weights replaced and
+        part uninitialised, so the engine then refuses to generate until a push succeeds (or for good, with a
+        message saying to start a new engine, when the engine itself failed; see `_push`)."""
         if self.unusable and not self.stale:
             raise RuntimeError(self.unusable)
         if self.sleeping:
@@ -303,9 +305,11 @@ class RolloutEngine:
                 updates = ipc_updates(weights, max(min(self.ipc_buffer_bytes, sum(sizes)), max(sizes)))
             else:
                 updates = list(self._shared_buffer(specs).updates(weights))  # written before the engine is touched
-            self._push(updates)
-        if self.transport == "ipc":
-            torch.cuda.ipc_collect()  # free the IPC buffer now that the worker has let go of it
+            try:
+                self._push(updates)
+            finally:
+                if self.transport == "ipc":
+                    torch.cuda.ipc_collect()  # free the IPC buffer now that the worker has let go of it
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
         self.version += 1
@@ -313,32 +317,47 @@ class RolloutEngine:
 
     def _push(self, updates: Iterator[dict] | list[dict]) -> None:
         """vLLM's weight-sync protocol: start, one update per chunk (each sent before the next is made: IPC refills
-        one buffer), finish with the new version (vLLM's weight version = our policy version)."""
-        self.llm.start_weight_update()
+        one buffer), finish with the new version (vLLM's weight version = our policy version).
+
+        On failure: if the engine finishes the reload cleanly, layers that got nothing keep their old weights, but a
+        layer that got part of its tensors was finished with uninitialised memory for the rest, so the engine is
+        stale (refuses to generate) once any chunk went out, until a push succeeds. If the engine cannot finish
+        (it failed inside start, an update or finish), layers stay half reloaded and no later push repairs them."""
         sent = 0
         try:
+            self.llm.start_weight_update()
             for update in updates:
                 sent += 1
                 self.llm.update_weights({"update_info": update})
         except BaseException as err:
             try:
                 self.llm.finish_weight_update()
-            except Exception:  # the engine dropped the update itself: its layers are left half reloaded
-                self.unusable = (
-                    f"a weight push failed inside the engine ({err!r}) and left its model half reloaded; this "
-                    "engine cannot serve again: shut it down and start a new RolloutEngine"
-                )
-                self.stale = False
+            except Exception:
+                self._unusable_for_good(err)
             else:
-                if sent:  # some chunks were loaded: old and new weights are mixed until a push succeeds
+                if sent:
                     self.unusable = (
-                        f"the last weight push failed part-way ({err!r}), so the engine holds a mix of old and new "
-                        "weights; it refuses to generate until update_weights succeeds"
+                        f"the last weight push failed part-way ({err!r}), so the engine's weights are part old, part "
+                        "new and part uninitialised; it refuses to generate until update_weights succeeds"
                     )
                     self.stale = True
             raise
-        self.llm.finish_weight_update(str(self.version + 1))
+        finally:
+            if hasattr(updates, "close"):  # an IPC producer stopped early lets go of its GPU buffer
+                updates.close()
+        try:
+            self.llm.finish_weight_update(str(self.version + 1))
+        except BaseException as err:
+            self._unusable_for_good(err)
+            raise
         self.unusable, self.stale = None, False
+
+    def _unusable_for_good(self, err: BaseException) -> None:
+        self.unusable = (
+            f"a weight push failed inside the engine ({err!r}) and left its model half reloaded; this engine cannot "
+            "serve again: shut it down and start a new RolloutEngine"
+        )
+        self.stale = False
 
     def _shared_buffer(self, specs: dict):
         from trainers.weight_transfer import SharedWeightBuffer
