@@ -11,8 +11,8 @@ and ids already expanded by the processor would be silently corrupted (TRL #6294
 
 The engine runs in vLLM's own processes (its default), never in the trainer's: vLLM's Transformers backend rewrites
 the HF decoder class it serves (`support_torch_compile`), which would break the trainer's own models of that class in
-a shared process. On CUDA those processes are pinned to the trainer's current GPU, so each rank of a multi-GPU run
-gets its engine on its own GPU.
+a shared process. On CUDA, a one-GPU engine's processes are pinned to the trainer's current GPU, so each rank of a
+multi-GPU run gets its engine on its own GPU.
 
 A push runs vLLM's weight-sync protocol (start, one update per chunk, finish: an in-place layerwise reload under
 checkpoint names) over one of two transports (`trainers.weight_transfer`): CUDA IPC on CUDA, where the weights stay
@@ -131,7 +131,7 @@ class RolloutEngine:
         if self.transport == "ipc" and not one_gpu:
             raise ValueError(
                 "weight_transfer='ipc' needs CUDA and an engine on one GPU (the trainer's); use 'shm' (the default "
-                "on CPU and for tensor/pipeline-parallel engines, whose workers all map the same buffer)"
+                "on CPU and for tensor/pipeline/data-parallel engines, whose workers all map the same buffer)"
             )
         self.ipc_buffer_bytes = int(ipc_buffer_gib * 2**30)
         from vllm import LLM
@@ -304,7 +304,7 @@ class RolloutEngine:
                 sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs.values()]
                 updates = ipc_updates(weights, max(min(self.ipc_buffer_bytes, sum(sizes)), max(sizes)))
             else:
-                updates = list(self._shared_buffer(specs).updates(weights))  # written before the engine is touched
+                updates = [self._shared_buffer(specs).write(weights)]  # written before the engine is touched
             try:
                 self._push(updates)
             finally:

@@ -60,11 +60,11 @@ class SharedWeightBuffer:
             self._map = mmap.mmap(f.fileno(), 0)
         self._views = _views(self._map, self.layout)
 
-    def updates(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[dict]:
-        """Write `weights` into the buffer and yield the one update that tells the worker where they are."""
+    def write(self, weights: Iterable[tuple[str, torch.Tensor]]) -> dict:
+        """Write `weights` into the buffer; returns the one update that tells the worker where they are."""
         for name, tensor in weights:
             self._views[name].copy_(tensor)
-        yield {"path": self.path, "layout": self.layout}
+        return {"path": self.path, "layout": self.layout}
 
     def close(self) -> None:
         self._views = {}
