@@ -121,7 +121,8 @@ class RLConfig(TrainingArguments):
         default="auto", metadata={"help": "engine dtype; auto = the trained model's (vLLM's own auto casts fp32 down)"}
     )
     vllm_weight_transfer: str = field(
-        default="auto", metadata={"help": "weight pushes: auto (ipc on CUDA, shm elsewhere), ipc (CUDA IPC) or shm"}
+        default="auto",
+        metadata={"help": "weight pushes: auto (ipc for a one-GPU engine on CUDA, else shm), ipc (CUDA IPC) or shm"},
     )
     lr_scheduler_type: str = field(default="constant", metadata={"help": "learning-rate schedule over all steps"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "unused: RL builds its own batches"})

@@ -308,8 +308,8 @@ class RolloutEngine:
             try:
                 self._push(updates)
             finally:
-                if self.transport == "ipc":
-                    torch.cuda.ipc_collect()  # free the IPC buffer now that the worker has let go of it
+                if self.transport == "ipc":  # after finish, when the worker has let go of the IPC buffer
+                    torch.cuda.ipc_collect()
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
         self.version += 1
